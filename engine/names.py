@@ -1,0 +1,96 @@
+"""Reading candidate names: the names file of `build-index`.
+
+Rules: UTF-8, one full name per line; surrounding whitespace stripped; blank lines and lines starting
+with `#` ignored; names NFC-normalised (Unicode kept as written otherwise); duplicates dropped with a
+warning (first occurrence kept). A name containing a tab or any other control character is an error
+naming the file and line. The file is read line by line, so 10^6 names are a normal input.
+"""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def normalize_name(name: str) -> str:
+    """The canonical form of a person's name: NFC, surrounding whitespace stripped."""
+    return unicodedata.normalize("NFC", name.strip())
+
+
+def check_name(name: str, *, where: str) -> None:
+    """Raise InputError if `name` has a control character (tab, NUL, ...) or is empty."""
+    if not name:
+        raise InputError(f"{where}: empty name")
+    for ch in name:
+        if unicodedata.category(ch) == "Cc":
+            raise InputError(
+                f"{where}: name {name!r} contains control character U+{ord(ch):04X}; "
+                "names must be plain text on one line (no tabs or control characters)"
+            )
+
+
+@dataclass
+class NameList:
+    """The distinct names of a names file, in first-occurrence order."""
+
+    names: list[str]
+    duplicates_dropped: int = 0
+    duplicate_examples: list[str] = field(default_factory=list)
+
+
+def iter_name_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (line number, normalised name) for every name line of `path`, validating as it goes."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"names file {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"names file {path} is not a regular file (a directory?); give a UTF-8 text file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "save the names file as UTF-8"
+                ) from None
+            if lineno == 1 and line.startswith("\ufeff"):  # tolerate a byte-order mark
+                line = line[1:]
+            line = line.rstrip("\r\n")
+            stripped = line.strip(" \t")  # a tab inside a name is an error, around it just whitespace
+            if not stripped or stripped.startswith("#"):
+                continue
+            name = normalize_name(stripped)
+            check_name(name, where=f"{path}:{lineno}")
+            yield lineno, name
+
+
+def read_names(path: Path) -> NameList:
+    """Read, validate and de-duplicate the names of `path`; raise InputError if none remain."""
+    seen: set[str] = set()
+    names: list[str] = []
+    dropped = 0
+    examples: list[str] = []
+    for _, name in iter_name_lines(path):
+        if name in seen:
+            dropped += 1
+            if len(examples) < 10:
+                examples.append(name)
+            continue
+        seen.add(name)
+        names.append(name)
+    if not names:
+        raise InputError(f"names file {path} holds no name (it is empty or has only blank lines and # comments)")
+    if dropped:
+        log.warning(
+            "%s: dropped %d duplicate name(s), first occurrence kept (e.g. %s)",
+            path, dropped, ", ".join(repr(n) for n in examples[:3]),
+        )
+    return NameList(names=names, duplicates_dropped=dropped, duplicate_examples=examples)

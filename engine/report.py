@@ -1,0 +1,132 @@
+"""The attack report directory that `query` writes, and a reader for its predictions.
+
+    report/
+      summary.json               # parameters, counts, skipped files, timings, metrics (the manifest)
+      persons.csv                # one row per person: name,n_images,score,decision[,label],...
+      modes.csv                  # one row per person and template: the plurality vote in detail
+      predictions/
+        topk_ids.npy             # int32 [M, T, k]: candidate ids, best first, per image and template
+        topk_scores.npy          # float32 [M, T, k]: their cosine similarities (higher = closer)
+        images.csv               # row,name,path,sha256: the M images, in row order
+        candidates.txt           # candidate id -> name, one per line (index names, then added names)
+
+The whole directory is staged under a temporary name and swapped in at the end, so a reader never sees
+a half-written report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import write_json_atomic
+from .attack import NO_MODE, PaperModeVotes
+from .errors import ArtifactError, ArtifactExistsError, InputError
+
+REPORT_SCHEMA_VERSION = 1
+REPORT_ARTIFACT = "idia-engine attack report"
+SUMMARY = "summary.json"
+PREDICTIONS = "predictions"
+
+FILE_DESCRIPTIONS = {
+    "summary.json": "parameters, counts, skipped files, timings per stage and (with labels) metrics",
+    "persons.csv": "one row per person: name, n_images, score (0..T templates whose unique plurality is the "
+                   "true name; higher = more likely a member), decision, label, in_index, true_votes, "
+                   "tied_templates, hits (one 0/1 per template)",
+    "modes.csv": "one row per person and template: name, template, mode (the unique most frequent predicted "
+                 "name, empty on a tie), mode_votes, true_votes, hit",
+    "predictions/topk_ids.npy": "int32 [images, templates, k]: candidate ids (rows of candidates.txt), best first",
+    "predictions/topk_scores.npy": "float32 [images, templates, k]: cosine similarities of those candidates",
+    "predictions/images.csv": "row,name,path,sha256 of the images in row order",
+    "predictions/candidates.txt": "candidate names, line i = id i (index names first, then names added for this run)",
+}
+
+
+def check_report_dir(out_dir: Path) -> None:
+    """Refuse to replace anything but an earlier report (or an empty directory)."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} exists and is not a directory")
+    summary = out_dir / SUMMARY
+    if summary.is_file():
+        try:
+            if json.loads(summary.read_text(encoding="utf-8")).get("artifact") == REPORT_ARTIFACT:
+                return
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
+    if any(out_dir.iterdir()):
+        raise ArtifactExistsError(f"--out {out_dir} is not empty and is not an idia-engine report; choose another --out")
+
+
+def write_persons(path: Path, persons: list[str], votes: PaperModeVotes, decisions: np.ndarray,
+                  labels: dict[str, bool] | None, in_index: np.ndarray) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        header = ["name", "n_images", "score", "decision"]
+        if labels is not None:
+            header.append("label")
+        header += ["in_index", "true_votes", "tied_templates", "hits"]
+        w.writerow(header)
+        tied = ((votes.modes == NO_MODE) & (votes.mode_votes > 0)).sum(axis=1)
+        for p, name in enumerate(persons):
+            row = [name, int(votes.n_images[p]), int(votes.scores[p]), "member" if decisions[p] else "non-member"]
+            if labels is not None:
+                row.append("" if name not in labels else ("member" if labels[name] else "non-member"))
+            row += ["yes" if in_index[p] else "no", int(votes.true_votes[p].sum()), int(tied[p]),
+                    "".join("1" if h else "0" for h in votes.hits[p])]
+            w.writerow(row)
+
+
+def write_modes(path: Path, persons: list[str], votes: PaperModeVotes, candidates: list[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["name", "template", "mode", "mode_votes", "true_votes", "hit"])
+        for p, name in enumerate(persons):
+            for t in range(votes.modes.shape[1]):
+                mode = votes.modes[p, t]
+                w.writerow([name, t, candidates[mode] if mode != NO_MODE else "", int(votes.mode_votes[p, t]),
+                            int(votes.true_votes[p, t]), int(votes.hits[p, t])])
+
+
+def write_images_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["row", "name", "path", "sha256"])
+        for i, (name, p, sha) in enumerate(rows):
+            w.writerow([i, name, p, sha])
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    write_json_atomic(out_dir / SUMMARY, summary)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """The per-image, per-template top-k of a report."""
+
+    topk_ids: np.ndarray  # int32 [M, T, k]
+    topk_scores: np.ndarray  # float32 [M, T, k]
+    images: list[dict[str, str]]  # rows of images.csv
+    candidates: list[str]  # id -> name
+
+    def top1_names(self) -> list[list[str]]:
+        """[M][T] predicted names (the arg-max per image and template)."""
+        return [[self.candidates[i] for i in row] for row in self.topk_ids[:, :, 0]]
+
+
+def load_predictions(report_dir: Path, mmap: bool = True) -> Predictions:
+    folder = Path(report_dir) / PREDICTIONS
+    if not folder.is_dir():
+        raise ArtifactError(f"{report_dir} holds no {PREDICTIONS}/ folder; is it an idia-engine report?")
+    mode = "r" if mmap else None
+    with open(folder / "images.csv", newline="", encoding="utf-8") as f:
+        images = list(csv.DictReader(f))
+    candidates = (folder / "candidates.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    return Predictions(np.load(folder / "topk_ids.npy", mmap_mode=mode),
+                       np.load(folder / "topk_scores.npy", mmap_mode=mode), images, candidates)

@@ -1,0 +1,128 @@
+"""Small synthetic worlds for the offline demo and the tests: a tiny open_clip model and face-like images.
+
+Nothing here is a real face or a real model. The tiny model goes through exactly the code path of a
+user's model (a model-config JSON plus a checkpoint file). The images have structure a model can pick
+up: every identity has stable traits (skin and hair colour, face shape, eye spacing, background), and
+every photo varies pose, scale, light and noise around them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+# A CLIP with two 64-wide transformer layers per tower on 32x32 images: about 3.5 M parameters, most of
+# them the token embedding. Small enough to build, train and run in seconds on a CPU.
+TINY_MODEL_CONFIG: dict = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+_FIRST = ["Anna", "José", "Zoë", "Liam", "Mei", "Omar", "Sofia", "Jürgen", "Aisha", "Noah", "Chloé", "Ravi",
+          "Ingrid", "Mateo", "Yuki", "Fatima", "Lucas", "Amara", "Björn", "Elena"]
+_LAST = ["Smith", "García", "Müller", "Nguyen", "Kowalski", "O'Brien", "Rossi", "Dubois", "Tanaka", "Okafor",
+         "Jensen", "Silva", "Novák", "Haddad", "Lindqvist", "Moreau", "Ivanova", "Kim", "Patel", "Costa"]
+
+
+def tiny_names(count: int, seed: int = 0) -> list[str]:
+    """`count` distinct "First Last" names (diacritics included) drawn with `seed`."""
+    if count > len(_FIRST) * len(_LAST):
+        raise ValueError(f"at most {len(_FIRST) * len(_LAST)} tiny names, asked for {count}")
+    rng = np.random.default_rng(seed)
+    pairs = rng.permutation(len(_FIRST) * len(_LAST))[:count]
+    return [f"{_FIRST[p // len(_LAST)]} {_LAST[p % len(_LAST)]}" for p in pairs]
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write the tiny config JSON and a seeded random-init checkpoint; return (config path, checkpoint path).
+
+    The checkpoint is a state dict saved with torch.save, as open_clip saves weights.
+    """
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "tiny-clip.json"
+    config_path.write_text(json.dumps(TINY_MODEL_CONFIG, indent=2), encoding="utf-8")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**TINY_MODEL_CONFIG)
+    ckpt_path = folder / "tiny-clip.pt"
+    torch.save({"state_dict": model.state_dict()}, ckpt_path)
+    return config_path, ckpt_path
+
+
+@dataclass(frozen=True)
+class FaceTraits:
+    """The stable look of one synthetic identity (colours as RGB 0..255)."""
+
+    skin: tuple[int, int, int]
+    hair: tuple[int, int, int]
+    background: tuple[int, int, int]
+    face_aspect: float  # height / width of the face ellipse
+    eye_spacing: float  # fraction of face width between the eyes
+    hair_height: float  # fraction of face height covered by hair
+
+
+def identity_traits(rng: np.random.Generator) -> FaceTraits:
+    def colour(lo: int, hi: int) -> tuple[int, int, int]:
+        return tuple(int(c) for c in rng.integers(lo, hi, size=3))
+
+    return FaceTraits(
+        skin=colour(90, 240), hair=colour(10, 200), background=colour(0, 255),
+        face_aspect=float(rng.uniform(1.05, 1.5)), eye_spacing=float(rng.uniform(0.3, 0.55)),
+        hair_height=float(rng.uniform(0.15, 0.45)),
+    )
+
+
+def render_face(traits: FaceTraits, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """One photo of an identity: its traits under random pose, scale, light and noise."""
+    img = Image.new("RGB", (size, size), traits.background)
+    d = ImageDraw.Draw(img)
+    scale = rng.uniform(0.55, 0.8)
+    w = size * scale * 0.7
+    h = w * traits.face_aspect
+    cx = size / 2 + rng.uniform(-0.08, 0.08) * size
+    cy = size / 2 + rng.uniform(-0.06, 0.1) * size
+    box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+    d.ellipse(box, fill=traits.hair)  # hair behind the face
+    d.ellipse([box[0], box[1] + h * traits.hair_height, box[2], box[3]], fill=traits.skin)
+    eye_y = cy - h * 0.05
+    for side in (-1, 1):
+        ex = cx + side * w * traits.eye_spacing / 2
+        r = max(1.0, w * 0.06)
+        d.ellipse([ex - r, eye_y - r, ex + r, eye_y + r], fill=(20, 20, 20))
+    d.line([cx - w * 0.15, cy + h * 0.25, cx + w * 0.15, cy + h * 0.25], fill=(120, 40, 40), width=max(1, size // 32))
+    img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, fillcolor=traits.background)
+    arr = np.asarray(img).astype(np.float32)
+    arr = arr * rng.uniform(0.75, 1.2) + rng.uniform(-20, 20, size=3)  # light and colour cast
+    arr += rng.normal(0, 6, size=arr.shape)  # sensor noise
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
+    return img
+
+
+def write_faces(folder: Path, names: list[str], images_per_person: int, seed: int = 0,
+                size: int = 64) -> dict[str, list[Path]]:
+    """Write `faces/<Name_With_Underscores>/<i>.png` for each name; return name -> image paths."""
+    folder = Path(folder)
+    out: dict[str, list[Path]] = {}
+    for i, name in enumerate(names):
+        rng = np.random.default_rng([seed, i])
+        traits = identity_traits(rng)
+        person_dir = folder / name.replace(" ", "_")
+        person_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for j in range(images_per_person):
+            path = person_dir / f"{j:03d}.png"
+            render_face(traits, rng, size).save(path)
+            paths.append(path)
+        out[name] = paths
+    return out

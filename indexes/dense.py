@@ -1,0 +1,83 @@
+"""The paper's method as a backend: a dense similarity matrix and a top-k over all names (torch).
+
+It is the baseline every benchmark measures against, and an independent exact path for tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+
+from .base import VectorFormatError, as_vectors, sort_topk
+from .registry import register_backend
+
+# Rows of the [queries x names] score matrix computed at once: bounds memory to ~256 MB of scores.
+_SCORE_BUDGET = 64 * 1024 * 1024
+
+
+@register_backend
+class DenseTorchBackend:
+    kind: ClassVar[str] = "dense"
+    file_suffix: ClassVar[str] = ".npy"
+
+    def __init__(self, dim: int, device: torch.device):
+        self._dim = dim
+        self._device = device
+        self._chunks: list[torch.Tensor] = []
+        self._matrix: torch.Tensor | None = None
+
+    @classmethod
+    def create(cls, dim: int, *, use_gpu: bool = False) -> "DenseTorchBackend":
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        return cls(dim, device)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _names(self) -> torch.Tensor:
+        if self._matrix is None:
+            self._matrix = (torch.cat(self._chunks) if self._chunks
+                            else torch.zeros((0, self._dim), device=self._device))
+            self._chunks = [self._matrix]
+        return self._matrix
+
+    @property
+    def ntotal(self) -> int:
+        return int(sum(len(c) for c in self._chunks))
+
+    def add(self, vectors: np.ndarray) -> None:
+        self._chunks.append(torch.from_numpy(as_vectors(vectors, self._dim, what="name embeddings")).to(self._device))
+        self._matrix = None
+
+    def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        if params:
+            raise VectorFormatError(f"the dense baseline takes no search parameters, got {sorted(params)}")
+        q = torch.from_numpy(as_vectors(queries, self._dim, what="queries")).to(self._device)
+        names = self._names()
+        k = min(int(k), len(names))
+        out_s = np.zeros((len(q), max(k, 0)), np.float32)
+        out_i = np.zeros((len(q), max(k, 0)), np.int64)
+        if k < 1:
+            return out_s, out_i
+        step = max(1, _SCORE_BUDGET // max(1, len(names)))
+        for start in range(0, len(q), step):
+            sims = q[start:start + step] @ names.T
+            s, i = torch.topk(sims, k, dim=1)
+            out_s[start:start + step] = s.cpu().numpy()
+            out_i[start:start + step] = i.cpu().numpy()
+        return sort_topk(out_s, out_i)
+
+    def save(self, path: Path) -> None:
+        np.save(path, self._names().cpu().numpy())
+
+    @classmethod
+    def load(cls, path: Path, *, use_gpu: bool = False) -> "DenseTorchBackend":
+        matrix = np.load(path)
+        backend = cls.create(matrix.shape[1], use_gpu=use_gpu)
+        backend.add(matrix)
+        return backend
