@@ -371,6 +371,7 @@ def load_model(spec: ModelSpec, device: DeviceChoice | str = DeviceChoice.AUTO,
                precision: Precision | str = Precision.FP32) -> LoadedModel:
     """Load `spec` (see the module docstring); raise ModelLoadError / InputError with a clear message."""
     import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
 
     torch_device = resolve_device(device)
     precision = Precision(precision)
@@ -386,7 +387,9 @@ def load_model(spec: ModelSpec, device: DeviceChoice | str = DeviceChoice.AUTO,
     try:
         with _hub_offline(True), torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(plan.open_clip_name, pretrained_arg, **kwargs)
+            model = open_clip.create_model(plan.open_clip_name, pretrained_arg, **kwargs)
+            # The model's own validation preprocessing (resize, centre crop, normalise), as open_clip builds it.
+            preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
             tokenizer = open_clip.get_tokenizer(plan.open_clip_name)
     except Exception as e:  # noqa: BLE001 - open_clip raises bare RuntimeError/KeyError/ValueError
         what = plan.info_pretrained if plan.source is not WeightsSource.RANDOM_INIT else "random init"
