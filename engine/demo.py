@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .model import ModelSpec
-from .name_index import BuildConfig, IndexManifest, Progress, _no_progress, build_index
+from .name_index import BuildConfig, IndexManifest, build_index
+from .progress import Progress, no_progress
 from .query import QueryConfig, QueryResult, run_query
 from .synthetic import tiny_names, write_faces, write_tiny_model
 
@@ -32,7 +33,7 @@ class DemoResult:
     workdir: Path
 
 
-def run_demo(config: DemoConfig = DemoConfig(), progress: Progress = _no_progress) -> DemoResult:
+def run_demo(config: DemoConfig = DemoConfig(), progress: Progress = no_progress) -> DemoResult:
     work = Path(config.workdir)
     work.mkdir(parents=True, exist_ok=True)
     config_path, ckpt_path = write_tiny_model(work / "model", seed=config.seed)

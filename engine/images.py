@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 from PIL import Image, ImageFile
 
 from .errors import InputError
-from .names import check_name, normalize_name
+from .names import check_name, decode_utf8, normalize_name
 
 
 @dataclass(frozen=True)
@@ -83,23 +84,21 @@ def collect_from_csv(csv_path: Path) -> ImageCollection:
     if not csv_path.is_file():
         raise InputError(f"image manifest {csv_path} does not exist or is not a file")
     persons: dict[str, list[Path]] = {}
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            if "path" not in header or "name" not in header:
-                raise InputError(f"image manifest {csv_path} needs columns path,name; found {','.join(header) or 'none'}")
-            reader.fieldnames = header
-            for lineno, row in enumerate(reader, start=2):
-                raw_path, raw_name = (row.get("path") or "").strip(), (row.get("name") or "")
-                if not raw_path:
-                    raise InputError(f"{csv_path}:{lineno}: empty path")
-                name = normalize_name(raw_name)
-                check_name(name, where=f"{csv_path}:{lineno}")
-                p = Path(raw_path)
-                persons.setdefault(name, []).append(p if p.is_absolute() else csv_path.parent / p)
-    except UnicodeDecodeError as e:
-        raise InputError(f"image manifest {csv_path} is not valid UTF-8 (byte {e.start})") from None
+    text = decode_utf8(csv_path.read_bytes(), csv_path, "image manifest")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    if "path" not in header or "name" not in header:
+        raise InputError(f"image manifest {csv_path} needs columns path,name; found {','.join(header) or 'none'}")
+    reader.fieldnames = header
+    for row in reader:
+        lineno = reader.line_num  # csv skips blank lines: count the file's real lines
+        raw_path, raw_name = (row.get("path") or "").strip(), (row.get("name") or "")
+        if not raw_path:
+            raise InputError(f"{csv_path}:{lineno}: empty path")
+        name = normalize_name(raw_name)
+        check_name(name, where=f"{csv_path}:{lineno}")
+        p = Path(raw_path)
+        persons.setdefault(name, []).append(p if p.is_absolute() else csv_path.parent / p)
     if not persons:
         raise InputError(f"image manifest {csv_path} lists no image")
     return ImageCollection(dict(sorted(persons.items())), [], source=str(csv_path))

@@ -8,10 +8,11 @@ gave wrong labels in the paper's first version).
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from .errors import InputError
-from .names import check_name, normalize_name
+from .names import check_name, decode_utf8, normalize_name
 
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
@@ -23,31 +24,28 @@ def read_labels(path: Path) -> dict[str, bool]:
     if not path.is_file():
         raise InputError(f"labels file {path} does not exist or is not a file")
     labels: dict[str, bool] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            for column in ("name", "member"):
-                if column not in header:
-                    raise InputError(f"labels file {path} has no column {column!r}; expected header name,member")
-            reader.fieldnames = header
-            for lineno, row in enumerate(reader, start=2):
-                name = normalize_name(row.get("name") or "")
-                check_name(name, where=f"{path}:{lineno}")
-                value = (row.get("member") or "").strip().lower()
-                if value in _TRUE:
-                    member = True
-                elif value in _FALSE:
-                    member = False
-                else:
-                    raise InputError(
-                        f"{path}:{lineno}: member value {row.get('member')!r} for {name!r}; use 1/0, true/false or yes/no"
-                    )
-                if name in labels and labels[name] != member:
-                    raise InputError(f"{path}:{lineno}: {name!r} is labelled both member and non-member")
-                labels[name] = member
-    except UnicodeDecodeError as e:
-        raise InputError(f"labels file {path} is not valid UTF-8 (byte {e.start})") from None
+    reader = csv.DictReader(io.StringIO(decode_utf8(path.read_bytes(), path, "labels file"), newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    for column in ("name", "member"):
+        if column not in header:
+            raise InputError(f"labels file {path} has no column {column!r}; expected header name,member")
+    reader.fieldnames = header
+    for row in reader:
+        lineno = reader.line_num  # csv skips blank lines: count the file's real lines
+        name = normalize_name(row.get("name") or "")
+        check_name(name, where=f"{path}:{lineno}")
+        value = (row.get("member") or "").strip().lower()
+        if value in _TRUE:
+            member = True
+        elif value in _FALSE:
+            member = False
+        else:
+            raise InputError(
+                f"{path}:{lineno}: member value {row.get('member')!r} for {name!r}; use 1/0, true/false or yes/no"
+            )
+        if name in labels and labels[name] != member:
+            raise InputError(f"{path}:{lineno}: {name!r} is labelled both member and non-member")
+        labels[name] = member
     if not labels:
         raise InputError(f"labels file {path} has a header but no rows")
     return labels

@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from .atomic import TMP_MARK, staged_directory, write_json_atomic
 from .errors import ArtifactError, ArtifactExistsError, InputError, ManifestMismatchError
 from .model import DeviceChoice, LoadedModel, ModelInfo, ModelSpec, Precision, load_model
 from .names import read_names
+from .progress import Progress, no_progress
 from .templates import PAPER_TEMPLATES, render
 from .versions import library_versions, utc_now
 
@@ -45,14 +46,6 @@ INDEX_ARTIFACT = "idia-engine name index"
 MANIFEST_NAME = "manifest.json"
 NAMES_FILE = "names.txt"
 DEFAULT_STORE_NAME = "image-store"
-
-# progress(stage, done, total): long loops report through this instead of printing.
-Progress = Callable[[str, int, int], None]
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    pass
-
 
 @dataclass(frozen=True)
 class IndexManifest:
@@ -131,7 +124,7 @@ def _remove_stale_builds(index_dir: Path, keep: str | None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def build_index(config: BuildConfig, progress: Progress = _no_progress,
+def build_index(config: BuildConfig, progress: Progress = no_progress,
                 model: LoadedModel | None = None) -> IndexManifest:
     """Encode every (template, name) prompt and write the index directory; return its manifest.
 

@@ -34,7 +34,8 @@ from .images import (ImageCollection, ImageDataset, Skipped, collate_images, col
 from .labels import read_labels
 from .metrics import confusion_metrics
 from .model import DeviceChoice, LoadedModel, Precision, load_model
-from .name_index import DEFAULT_STORE_NAME, NameIndex, Progress, _no_progress, encode_name_prompts, open_index
+from .name_index import DEFAULT_STORE_NAME, NameIndex, encode_name_prompts, open_index
+from .progress import Progress, no_progress
 from .report import (FILE_DESCRIPTIONS, PREDICTIONS, REPORT_ARTIFACT, REPORT_SCHEMA_VERSION, check_report_dir,
                      write_images_csv, write_modes, write_persons, write_summary)
 from .store import EmbeddingStore
@@ -141,7 +142,7 @@ def _encode_missing(model: LoadedModel, store: EmbeddingStore, ns, items: list[t
     return encoded, failed
 
 
-def run_query(config: QueryConfig, progress: Progress = _no_progress, model: LoadedModel | None = None) -> QueryResult:
+def run_query(config: QueryConfig, progress: Progress = no_progress, model: LoadedModel | None = None) -> QueryResult:
     """Run the attack in paper mode and write the report; see the module docstring."""
     timer = _Timer()
     with timer.stage("inputs"):
@@ -193,7 +194,7 @@ def run_query(config: QueryConfig, progress: Progress = _no_progress, model: Loa
         images_used = np.bincount([person_index[n] for n, _, _ in rows], minlength=len(persons))
 
         with timer.stage("encode missing names"):
-            extra_names = [p for p in missing]
+            extra_names = missing  # scored exactly beside the index, ids after the index's names
             extra_emb = encode_name_prompts(model, templates, extra_names) if extra_names else None
         candidates = index.names + extra_names
         k = min(config.top_k, len(candidates))
@@ -214,8 +215,9 @@ def run_query(config: QueryConfig, progress: Progress = _no_progress, model: Loa
                 del ids_mm, scores_mm
 
             with timer.stage("decide"):
-                true_ids = np.array([index.name_id(p) if index.name_id(p) is not None
-                                     else len(index.names) + extra_names.index(p) for p in persons], np.int64)
+                candidate_id = {name: len(index.names) + i for i, name in enumerate(extra_names)}
+                true_ids = np.array([candidate_id[p] if p in candidate_id else index.name_id(p) for p in persons],
+                                    np.int64)
                 votes = paper_mode_votes(top1, np.array([person_index[n] for n, _, _ in rows], np.int64), true_ids)
                 decisions = votes.decisions(config.tau)
                 metrics, label_info = _metrics(persons, votes, decisions, labels)

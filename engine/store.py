@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import lmdb
 import numpy as np
@@ -62,6 +62,11 @@ class Namespace:
         return self.prefix + bytes.fromhex(sha256_hex)
 
 
+def _copy(value) -> bytes | None:
+    """Read transactions hand out buffers valid only inside them: copy what must outlive one."""
+    return None if value is None else bytes(value)
+
+
 class EmbeddingStore:
     """An LMDB environment holding image embeddings of one or more models."""
 
@@ -76,7 +81,7 @@ class EmbeddingStore:
                 obj = json.loads(manifest.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ArtifactError(f"{manifest} is not valid JSON ({e})") from None
-            if obj.get("artifact") != STORE_ARTIFACT or obj.get("schema_version") != STORE_SCHEMA_VERSION:
+            if not isinstance(obj, dict) or obj.get("artifact") != STORE_ARTIFACT or obj.get("schema_version") != STORE_SCHEMA_VERSION:
                 raise ArtifactError(
                     f"{self.path} is not an idia-engine embedding store of schema {STORE_SCHEMA_VERSION}; "
                     "pass another --store"
@@ -111,10 +116,11 @@ class EmbeddingStore:
         """Register (or check) the namespace of a model; raise if the store recorded another dim/dtype."""
         if dtype not in _DTYPES:
             raise ArtifactError(f"store dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+            raise ArtifactError(f"model fingerprint {fingerprint!r} is not 64 lowercase hex digits (a SHA-256)")
         ns = Namespace(fingerprint, int(dim), dtype)
         meta_key = b"m" + bytes.fromhex(fingerprint)
-        with self.env.begin() as txn:
-            raw = txn.get(meta_key)
+        raw = self._transact(lambda txn: _copy(txn.get(meta_key)))
         if raw is not None:
             meta = json.loads(raw)
             if meta["dim"] != ns.dim or meta["dtype"] != ns.dtype:
@@ -128,18 +134,29 @@ class EmbeddingStore:
 
     # --- writes -------------------------------------------------------------------------------
 
-    def _write(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        """Write all items in one transaction, growing the map as often as needed."""
+    def _transact(self, body: Callable, *, write: bool = False):
+        """Run body(txn) in one transaction and return its result.
+
+        Another process may have grown the map (MapResizedError): adopt its size and retry. A write
+        that fills the map (MapFullError) doubles the map and retries; nothing of it was committed.
+        """
         while True:
             try:
-                with self.env.begin(write=True) as txn:
-                    for k, v in items:
-                        txn.put(k, v)
-                return
+                with self.env.begin(write=write, buffers=not write) as txn:
+                    return body(txn)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
             except lmdb.MapFullError:
                 new_size = self.env.info()["map_size"] * 2
                 log.info("embedding store %s is full: growing the map to %d MiB", self.path, new_size >> 20)
                 self.env.set_mapsize(new_size)
+
+    def _write(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Write all items in one committed transaction."""
+        def put_all(txn) -> None:
+            for k, v in items:
+                txn.put(k, v)
+        self._transact(put_all, write=True)
 
     def put_many(self, ns: Namespace, sha256s: Sequence[str], embeddings: np.ndarray) -> None:
         """Store embeddings [n, dim] under the given image hashes, in one committed transaction."""
@@ -153,14 +170,14 @@ class EmbeddingStore:
 
     def contains(self, ns: Namespace, sha256s: Sequence[str]) -> np.ndarray:
         """Boolean [n]: which images have an embedding of this model."""
-        with self.env.begin(buffers=True) as txn:
-            return np.array([txn.get(ns.key(s)) is not None for s in sha256s], dtype=bool)
+        return self._transact(lambda txn: np.array([txn.get(ns.key(s)) is not None for s in sha256s], dtype=bool))
 
     def get_many(self, ns: Namespace, sha256s: Sequence[str]) -> np.ndarray:
         """float32 [n, dim] embeddings of the given images; raise if one is missing or malformed."""
         dtype = _DTYPES[ns.dtype]
         out = np.empty((len(sha256s), ns.dim), np.float32)
-        with self.env.begin(buffers=True) as txn:
+
+        def read_all(txn) -> np.ndarray:
             for i, s in enumerate(sha256s):
                 raw = txn.get(ns.key(s))
                 if raw is None:
@@ -170,7 +187,8 @@ class EmbeddingStore:
                     raise ArtifactError(f"store {self.path}: entry of image {s[:16]}... has {len(raw)} bytes, "
                                         f"expected {ns.dim * dtype.itemsize}; the store is corrupt")
                 out[i] = np.frombuffer(raw, dtype=dtype)
-        return out
+            return out
+        return self._transact(read_all)
 
     def iter_embeddings(self, ns: Namespace, sha256s: Sequence[str], chunk: int = 4096
                         ) -> Iterator[tuple[int, np.ndarray]]:
@@ -180,12 +198,13 @@ class EmbeddingStore:
 
     def count(self, ns: Namespace) -> int:
         """Number of embeddings stored for this model."""
-        n = 0
-        with self.env.begin() as txn:
+        def count_keys(txn) -> int:
+            n = 0
             cur = txn.cursor()
             if cur.set_range(ns.prefix):
                 for key in cur.iternext(keys=True, values=False):
                     if not bytes(key).startswith(ns.prefix):
                         break
                     n += 1
-        return n
+            return n
+        return self._transact(count_keys)

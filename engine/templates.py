@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from .errors import InputError
+from .names import decode_utf8
 
 # Paper mode, in this order (Hintersdorf et al., JAIR 2024; see shared/IDIA.md). Do not edit.
 PAPER_TEMPLATES: tuple[str, ...] = (
@@ -68,19 +69,19 @@ def load_templates(path: Path) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"templates file {path} does not exist or is not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"templates file {path} is not valid UTF-8 (byte {e.start})") from None
+    text = decode_utf8(path.read_bytes(), path, "templates file")
     templates: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        templates.append(normalize_template(line, where=f"{path}:{lineno}"))
+        template = normalize_template(line, where=f"{path}:{lineno}")
+        if template in first_line:
+            raise InputError(f"{path}:{lineno}: template {template!r} repeats line {first_line[template]}; "
+                             "each template must be distinct")
+        first_line[template] = lineno
+        templates.append(template)
     if not templates:
         raise InputError(f"templates file {path} holds no template (only blank lines or # comments)")
-    if len(set(templates)) != len(templates):
-        dup = next(t for t in templates if templates.count(t) > 1)
-        raise InputError(f"templates file {path} lists {dup!r} twice; each template must be distinct")
     return tuple(templates)

@@ -50,7 +50,8 @@ class DenseTorchBackend:
         return int(sum(len(c) for c in self._chunks))
 
     def add(self, vectors: np.ndarray) -> None:
-        self._chunks.append(torch.from_numpy(as_vectors(vectors, self._dim, what="name embeddings")).to(self._device))
+        # torch.tensor copies: later changes to the caller's array must not change the index.
+        self._chunks.append(torch.tensor(as_vectors(vectors, self._dim, what="name embeddings"), device=self._device))
         self._matrix = None
 
     def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None = None
@@ -67,9 +68,17 @@ class DenseTorchBackend:
         step = max(1, _SCORE_BUDGET // max(1, len(names)))
         for start in range(0, len(q), step):
             sims = q[start:start + step] @ names.T
-            s, i = torch.topk(sims, k, dim=1)
-            out_s[start:start + step] = s.cpu().numpy()
-            out_i[start:start + step] = i.cpu().numpy()
+            top_s, top_i = torch.topk(sims, k, dim=1)
+            # torch.topk picks an arbitrary member of a tie at the k-th place; the engine's convention is
+            # the lowest id, so rows with more than k names at or above the k-th score are redone exactly.
+            tied_rows = ((sims >= top_s[:, -1:]).sum(1) > k).nonzero().flatten().tolist()
+            s, i = top_s.cpu().numpy(), top_i.cpu().numpy()
+            for r in tied_rows:
+                ids = torch.nonzero(sims[r] >= float(s[r, -1])).flatten().cpu().numpy()
+                row_s, row_i = sort_topk(sims[r, ids].cpu().numpy()[None], ids[None].astype(np.int64))
+                s[r], i[r] = row_s[0, :k], row_i[0, :k]
+            out_s[start:start + step] = s
+            out_i[start:start + step] = i
         return sort_topk(out_s, out_i)
 
     def save(self, path: Path) -> None:

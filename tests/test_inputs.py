@@ -1,0 +1,527 @@
+"""Parsing of user inputs: names file, templates, labels CSV, faces folder / image manifest, image decoding.
+
+Every bad input must raise InputError whose one-line message names the file (and line) and the bad value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from idia_engine.engine.errors import IdiaError, InputError
+from idia_engine.engine.images import (
+    ImageDataset,
+    collate_images,
+    collect_from_csv,
+    collect_from_folder,
+    hash_images,
+)
+from idia_engine.engine.labels import read_labels
+from idia_engine.engine.names import read_names
+from idia_engine.engine.templates import PAPER_TEMPLATES, load_templates, normalize_template, render
+
+
+def raises_input_error(fn, *args, must_name: list[str]) -> str:
+    """Call fn, expect InputError with a one-line message containing every string of `must_name`."""
+    with pytest.raises(InputError) as info:
+        fn(*args)
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message, f"message spans several lines: {message!r}"
+    for part in must_name:
+        assert part in message, f"{part!r} not in message {message!r}"
+    assert isinstance(info.value, IdiaError)
+    assert info.value.exit_code == 2  # a usage error the user can fix
+    return message
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Names file
+# ----------------------------------------------------------------------------------------------------
+
+def test_read_names_strips_and_skips_blanks_and_comments(tmp_path):
+    f = write(tmp_path / "names.txt", "  Anna Smith  \n\n   \n# a comment\n  # an indented comment\n\tBob Jones\t\r\nCarl\n")
+    got = read_names(f)
+    assert got.names == ["Anna Smith", "Bob Jones", "Carl"]
+    assert got.duplicates_dropped == 0
+
+
+def test_read_names_keeps_unicode_as_written(tmp_path):
+    names = ["José Martínez", "Zoë Kravitz", "Samuel L. Jackson", "Martin Luther King Jr.", "Björk Guðmundsdóttir",
+             "李小龙", "Renée O'Connor-Smith"]
+    got = read_names(write(tmp_path / "names.txt", "\n".join(names) + "\n"))
+    assert got.names == names
+
+
+def test_read_names_nfc_normalises_and_counts_duplicates(tmp_path):
+    decomposed = "Zoe\u0308 Kravitz"
+    composed = "Zo\u00eb Kravitz"
+    assert decomposed != composed
+    text = f"{decomposed}\nAnna\n{composed}\nAnna\n  Anna  \nBob\n"
+    got = read_names(write(tmp_path / "names.txt", text))
+    assert got.names == [composed, "Anna", "Bob"]  # first occurrence kept, in NFC
+    assert got.names[0] == composed and len(got.names[0]) == len(composed)
+    assert got.duplicates_dropped == 3
+    assert got.duplicate_examples[0] == composed
+
+
+def test_read_names_tolerates_a_bom(tmp_path):
+    f = tmp_path / "names.txt"
+    f.write_bytes(b"\xef\xbb\xbfAnna Smith\nBob\n")
+    assert read_names(f).names == ["Anna Smith", "Bob"]
+
+
+def test_read_names_missing_file(tmp_path):
+    f = tmp_path / "nope.txt"
+    raises_input_error(read_names, f, must_name=[str(f)])
+
+
+def test_read_names_directory(tmp_path):
+    d = tmp_path / "a_dir"
+    d.mkdir()
+    raises_input_error(read_names, d, must_name=[str(d)])
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n", "# only\n  # comments\n\n"])
+def test_read_names_no_name(tmp_path, text):
+    f = write(tmp_path / "names.txt", text)
+    raises_input_error(read_names, f, must_name=[str(f)])
+
+
+def test_read_names_not_utf8_names_file_and_line(tmp_path):
+    f = tmp_path / "names.txt"
+    f.write_bytes("Anna\nBob\nJos\u00e9\n".encode("latin-1"))  # é as the single byte 0xe9
+    msg = raises_input_error(read_names, f, must_name=[f"{f}:3"])
+    assert "utf-8" in msg.lower()
+
+
+@pytest.mark.parametrize(
+    "bad, shown",
+    [
+        ("Anna\tSmith", "U+0009"),  # a tab inside the name
+        ("Anna\x00Smith", "U+0000"),  # NUL
+        ("Anna\x1bSmith", "U+001B"),  # escape
+        ("Anna\rSmith", "U+000D"),  # a lone carriage return inside the line
+        ("Anna\x7fSmith", "U+007F"),  # DEL
+    ],
+)
+def test_read_names_control_characters(tmp_path, bad, shown):
+    f = write(tmp_path / "names.txt", f"Bob\n# c\n{bad}\nCarl\n")
+    raises_input_error(read_names, f, must_name=[f"{f}:3", shown, repr(bad)])
+
+
+def test_read_names_200k_lines_is_fast(tmp_path):
+    n = 200_000
+    f = write(tmp_path / "names.txt", "".join(f"Person {i} Name\n" for i in range(n)) + "Person 7 Name\n")
+    start = time.perf_counter()
+    got = read_names(f)
+    elapsed = time.perf_counter() - start
+    assert len(got.names) == n and got.names[-1] == f"Person {n - 1} Name"
+    assert got.duplicates_dropped == 1
+    assert elapsed < 5.0, f"reading {n} names took {elapsed:.1f} s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Templates
+# ----------------------------------------------------------------------------------------------------
+
+# Written out from shared/IDIA.md, "Paper mode" step 1, in order.
+SPEC_TEMPLATES = [
+    "{0}", "an image of {0}", "a photo of {0}", "{0} on a photo", "a photo of a person named {0}",
+    "a person named {0}", "a man named {0}", "a woman named {0}", "the name of the person is {0}",
+    "a photo of a person with the name {0}", "{0} at a gala", "a photo of the celebrity {0}", "actor {0}",
+    "actress {0}", "a colored photo of {0}", "a black and white photo of {0}", "a cool photo of {0}",
+    "a cropped photo of {0}", "a cropped image of {0}", "{0} in a suit", "{0} in a dress",
+]
+
+
+def test_paper_templates_are_the_21_of_the_spec_in_order():
+    assert len(SPEC_TEMPLATES) == 21
+    assert list(PAPER_TEMPLATES) == SPEC_TEMPLATES
+    for t in PAPER_TEMPLATES:
+        assert normalize_template(t) == t
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [("{}", "{0}"), ("{0}", "{0}"), ("a photo of {}", "a photo of {0}"), ("{} in a suit", "{0} in a suit"),
+     ("  {0} é ", "  {0} é ")],
+)
+def test_normalize_template_accepts_one_placeholder(given, expected):
+    assert normalize_template(given) == expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["a photo of a person", "", "{0} and {0}", "{} and {0}", "{1}", "a photo of {name}", "{ 0 }",
+     "a {0} }", "a { {0}", "{{0}}", "{0} }{"],
+)
+def test_normalize_template_rejects(bad):
+    raises_input_error(lambda: normalize_template(bad, where="tpl.txt:7"), must_name=["tpl.txt:7", repr(bad)])
+
+
+def test_load_templates_ignores_blanks_and_comments(tmp_path):
+    f = write(tmp_path / "t.txt", "# my templates {with braces}\n\na photo of {}\n   \n  {0} at a gala  \n#x\n{0}\n")
+    assert load_templates(f) == ("a photo of {0}", "{0} at a gala", "{0}")
+
+
+def test_load_templates_bad_template_names_file_and_line(tmp_path):
+    f = write(tmp_path / "t.txt", "# c\n{0}\n\na photo of {name}\n")
+    raises_input_error(load_templates, f, must_name=[f"{f}:4", "{name}"])
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# nothing\n#   here\n"])
+def test_load_templates_empty(tmp_path, text):
+    f = write(tmp_path / "t.txt", text)
+    raises_input_error(load_templates, f, must_name=[str(f)])
+
+
+def test_load_templates_duplicate_after_normalisation(tmp_path):
+    f = write(tmp_path / "t.txt", "a photo of {}\nactor {0}\na photo of {0}\n")
+    raises_input_error(load_templates, f, must_name=[str(f), "a photo of {0}"])
+
+
+def test_load_templates_missing_file_and_directory(tmp_path):
+    raises_input_error(load_templates, tmp_path / "nope.txt", must_name=[str(tmp_path / "nope.txt")])
+    raises_input_error(load_templates, tmp_path, must_name=[str(tmp_path)])
+
+
+def test_load_templates_tolerates_a_bom(tmp_path):
+    # A UTF-8 file saved with a byte-order mark (as the names and labels readers tolerate) must not leave
+    # U+FEFF at the start of the first prompt.
+    f = tmp_path / "t.txt"
+    f.write_bytes(b"\xef\xbb\xbfa photo of {0}\n{0}\n")
+    assert load_templates(f) == ("a photo of {0}", "{0}")
+
+
+@pytest.mark.parametrize(
+    "template, name, expected",
+    [
+        ("{0} at a gala", "A {0} B", "A {0} B at a gala"),
+        ("a photo of {0}", "x {} {1} {name} }{", "a photo of x {} {1} {name} }{"),
+        ("{0}", "Zoë Kravitz Jr.", "Zoë Kravitz Jr."),
+        ("actor {0}", "50% \\n $1", "actor 50% \\n $1"),
+    ],
+)
+def test_render_does_not_interpret_braces_in_names(template, name, expected):
+    assert render(template, name) == expected
+
+
+def test_render_with_a_normalised_bare_placeholder():
+    assert render(normalize_template("a photo of {}"), "Anna {0}") == "a photo of Anna {0}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Labels
+# ----------------------------------------------------------------------------------------------------
+
+def test_read_labels_values_any_case_and_nfc(tmp_path):
+    rows = ["A,1", "B,0", "C,true", "D,FALSE", "E,Yes", "F,nO", "G, TRUE ", "Zoe\u0308 K,yes", "  H  ,no", "A,1"]
+    f = write(tmp_path / "labels.csv", "name,member\n" + "\n".join(rows) + "\n")
+    got = read_labels(f)
+    assert got == {"A": True, "B": False, "C": True, "D": False, "E": True, "F": False, "G": True,
+                   "Zo\u00eb K": True, "H": False}
+
+
+def test_read_labels_header_with_spaces_and_bom(tmp_path):
+    f = tmp_path / "labels.csv"
+    f.write_bytes(b"\xef\xbb\xbf name , member \r\nAnna,1\r\n")
+    assert read_labels(f) == {"Anna": True}
+
+
+def test_read_labels_missing_column(tmp_path):
+    f = write(tmp_path / "labels.csv", "name,label\nAnna,1\n")
+    raises_input_error(read_labels, f, must_name=[str(f), "member"])
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "y", "", "tru"])
+def test_read_labels_bad_value_names_file_line_and_value(tmp_path, value):
+    f = write(tmp_path / "labels.csv", f"name,member\nAnna,1\nBob,{value}\nCarl,0\n")
+    raises_input_error(read_labels, f, must_name=[f"{f}:3", repr(value), "Bob"])
+
+
+def test_read_labels_line_number_counts_blank_lines(tmp_path):
+    # The bad row is on physical line 4 of the file; a blank line precedes it.
+    f = write(tmp_path / "labels.csv", "name,member\nAnna,1\n\nBob,maybe\n")
+    raises_input_error(read_labels, f, must_name=[f"{f}:4", "'maybe'"])
+
+
+def test_read_labels_contradicting_duplicate(tmp_path):
+    f = write(tmp_path / "labels.csv", "name,member\nAnna,1\nBob,0\nAnna,no\n")
+    raises_input_error(read_labels, f, must_name=[f"{f}:4", "'Anna'"])
+
+
+def test_read_labels_contradiction_after_nfc(tmp_path):
+    f = write(tmp_path / "labels.csv", "name,member\nZo\u00eb,1\nZoe\u0308,0\n")
+    raises_input_error(read_labels, f, must_name=[f"{f}:3"])
+
+
+def test_read_labels_no_rows(tmp_path):
+    f = write(tmp_path / "labels.csv", "name,member\n")
+    raises_input_error(read_labels, f, must_name=[str(f)])
+
+
+def test_read_labels_missing_file(tmp_path):
+    f = tmp_path / "nope.csv"
+    raises_input_error(read_labels, f, must_name=[str(f)])
+
+
+def test_read_labels_control_character_in_name(tmp_path):
+    f = write(tmp_path / "labels.csv", "name,member\nAnna,1\nBo\x07b,0\n")
+    raises_input_error(read_labels, f, must_name=[f"{f}:3"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faces folder and image manifest
+# ----------------------------------------------------------------------------------------------------
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_collect_from_folder(tmp_path):
+    faces = tmp_path / "faces"
+    touch(faces / "Zed" / "1.jpg")
+    a1 = touch(faces / "Anna_Smith" / "b.jpg")
+    a0 = touch(faces / "Anna_Smith" / "a.png")
+    a2 = touch(faces / "Anna_Smith" / "sub" / "deeper" / "c.jpg")
+    touch(faces / "bob_de_la_Cruz" / "x.webp")
+    (faces / "Empty_Person").mkdir()
+    top = touch(faces / "readme.txt")
+    got = collect_from_folder(faces)
+    assert list(got.persons) == sorted(got.persons)
+    assert set(got.persons) == {"Anna Smith", "Zed", "bob de la Cruz", "Empty Person"}
+    assert sorted(got.persons["Anna Smith"]) == sorted([a0, a1, a2])
+    assert got.persons["Empty Person"] == []
+    assert [s.path for s in got.skipped] == [str(top)]
+    assert got.skipped[0].reason  # a reason is given
+
+
+def test_collect_from_folder_nfc_person_name(tmp_path):
+    faces = tmp_path / "faces"
+    touch(faces / "Zoe\u0308_Kravitz" / "1.jpg")
+    assert list(collect_from_folder(faces).persons) == ["Zo\u00eb Kravitz"]
+
+
+def test_collect_from_folder_two_folders_same_name(tmp_path):
+    faces = tmp_path / "faces"
+    touch(faces / "Anna_Smith" / "1.jpg")
+    touch(faces / "Anna Smith" / "2.jpg")
+    raises_input_error(collect_from_folder, faces, must_name=["Anna_Smith", "Anna Smith'", str(faces)])
+
+
+def test_collect_from_folder_two_folders_same_name_after_nfc(tmp_path):
+    faces = tmp_path / "faces"
+    touch(faces / "Zo\u00eb" / "1.jpg")
+    touch(faces / "Zoe\u0308" / "2.jpg")
+    raises_input_error(collect_from_folder, faces, must_name=["Zo\u00eb", "Zoe\u0308"])
+
+
+def test_collect_from_folder_missing(tmp_path):
+    raises_input_error(collect_from_folder, tmp_path / "nope", must_name=[str(tmp_path / "nope")])
+
+
+def test_collect_from_folder_is_a_file(tmp_path):
+    f = touch(tmp_path / "faces.zip")
+    raises_input_error(collect_from_folder, f, must_name=[str(f)])
+
+
+def test_collect_from_folder_empty(tmp_path):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    raises_input_error(collect_from_folder, faces, must_name=[str(faces)])
+    touch(faces / "loose.jpg")  # only files at the top level: still no person folder
+    raises_input_error(collect_from_folder, faces, must_name=[str(faces)])
+
+
+def test_collect_from_csv_relative_and_absolute_paths(tmp_path):
+    elsewhere = touch(tmp_path / "elsewhere" / "b.jpg")
+    folder = tmp_path / "manifest"
+    touch(folder / "img" / "a.jpg")
+    f = write(folder / "images.csv",
+              f"path,name\nimg/a.jpg,Anna Smith\n{elsewhere},  Anna Smith \nimg/c.jpg,Zoe\u0308\n")
+    got = collect_from_csv(f)
+    assert list(got.persons) == ["Anna Smith", "Zo\u00eb"]
+    assert got.persons["Anna Smith"] == [folder / "img" / "a.jpg", elsewhere]
+    assert got.persons["Zo\u00eb"] == [folder / "img" / "c.jpg"]  # listed even if it does not exist yet
+
+
+def test_collect_from_csv_missing_column(tmp_path):
+    f = write(tmp_path / "images.csv", "file,name\na.jpg,Anna\n")
+    raises_input_error(collect_from_csv, f, must_name=[str(f), "path,name"])
+
+
+def test_collect_from_csv_empty_path_names_line(tmp_path):
+    f = write(tmp_path / "images.csv", "path,name\na.jpg,Anna\n ,Bob\n")
+    raises_input_error(collect_from_csv, f, must_name=[f"{f}:3"])
+
+
+def test_collect_from_csv_line_number_counts_blank_lines(tmp_path):
+    # The bad row is on physical line 4 of the file; a blank line precedes it.
+    f = write(tmp_path / "images.csv", "path,name\na.jpg,Anna\n\nb.jpg,Bo\x07b\n")
+    raises_input_error(collect_from_csv, f, must_name=[f"{f}:4"])
+
+
+def test_collect_from_csv_no_rows_and_missing_file(tmp_path):
+    f = write(tmp_path / "images.csv", "path,name\n")
+    raises_input_error(collect_from_csv, f, must_name=[str(f)])
+    raises_input_error(collect_from_csv, tmp_path / "nope.csv", must_name=[str(tmp_path / "nope.csv")])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hashing and decoding images
+# ----------------------------------------------------------------------------------------------------
+
+def test_hash_images(tmp_path):
+    good = touch(tmp_path / "a.jpg", b"some bytes")
+    empty = touch(tmp_path / "empty.jpg", b"")
+    missing = tmp_path / "missing.jpg"
+    hashes, skipped = hash_images([good, empty, missing])
+    assert hashes == [hashlib.sha256(b"some bytes").hexdigest(), None, None]
+    assert [s.path for s in skipped] == [str(empty), str(missing)]
+    assert "empty" in skipped[0].reason
+    assert skipped[1].reason
+
+
+def _rng_rgb(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    """name -> (path, decodable?) for a zoo of image files."""
+    d = tmp_path_factory.mktemp("images")
+    files: dict[str, tuple[Path, bool]] = {}
+
+    Image.fromarray(_rng_rgb(40, 50, 0)).save(d / "plain.jpg", quality=90)
+    files["plain_jpeg"] = (d / "plain.jpg", True)
+
+    Image.fromarray(_rng_rgb(64, 64, 1)).save(d / "full.png")
+    data = (d / "full.png").read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    files["truncated_png"] = (d / "truncated.png", False)
+
+    (d / "text.jpg").write_text("this is not an image\n", encoding="utf-8")
+    files["text_named_jpg"] = (d / "text.jpg", False)
+
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(d / "cmyk.jpg", quality=95)
+    files["cmyk_jpeg"] = (d / "cmyk.jpg", True)
+
+    Image.fromarray(np.full((24, 36), 65535, np.uint16)).save(d / "grey16.png")
+    files["png_16bit"] = (d / "grey16.png", True)
+
+    pal = Image.new("P", (20, 20), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 6))
+    pal.paste(1, (5, 5, 15, 15))
+    pal.save(d / "palette.png", transparency=0)
+    files["palette_transparent_png"] = (d / "palette.png", True)
+
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 1] = 200
+    rgba[..., 3] = np.linspace(0, 255, 20, dtype=np.uint8)[None, :]
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    files["rgba_png"] = (d / "rgba.png", True)
+
+    frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    files["animated_gif"] = (d / "anim.gif", True)
+
+    (d / "empty.png").write_bytes(b"")
+    files["empty_png"] = (d / "empty.png", False)
+    return files
+
+
+def test_fixture_images_have_the_intended_modes(image_files):
+    # Guard: the zoo really holds the formats it claims (Pillow could silently save something else).
+    with Image.open(image_files["cmyk_jpeg"][0]) as im:
+        assert im.mode == "CMYK"
+    with Image.open(image_files["png_16bit"][0]) as im:
+        assert im.mode in ("I;16", "I;16B", "I;16L", "I")
+    with Image.open(image_files["palette_transparent_png"][0]) as im:
+        assert im.mode == "P" and "transparency" in im.info
+    with Image.open(image_files["rgba_png"][0]) as im:
+        assert im.mode == "RGBA"
+    with Image.open(image_files["animated_gif"][0]) as im:
+        assert getattr(im, "n_frames", 1) == 3
+
+
+def test_image_dataset_and_collate(image_files, tiny_model):
+    preprocess = tiny_model.preprocess
+    expected_shape = tuple(preprocess(Image.new("RGB", (50, 40))).shape)
+    assert expected_shape[0] == 3
+    keys = sorted(image_files)
+    items = [(image_files[k][0], f"sha-{k}") for k in keys]
+    ds = ImageDataset(items, preprocess)
+    assert len(ds) == len(keys)
+
+    batch = [ds[i] for i in range(len(ds))]
+    for k, (pixels, sha, path, error) in zip(keys, batch):
+        assert sha == f"sha-{k}" and path == str(image_files[k][0])
+        if image_files[k][1]:
+            assert error is None, f"{k}: {error}"
+            assert isinstance(pixels, torch.Tensor) and tuple(pixels.shape) == expected_shape, k
+            assert pixels.dtype == torch.float32
+            assert torch.isfinite(pixels).all()
+        else:
+            assert pixels is None, k
+            assert error and "\n" not in error, f"{k}: {error!r}"
+
+    stacked, shas, failed = collate_images(batch)
+    good = [k for k in keys if image_files[k][1]]
+    bad = [k for k in keys if not image_files[k][1]]
+    assert shas == [f"sha-{k}" for k in good]
+    assert tuple(stacked.shape) == (len(good), *expected_shape)
+    assert set(failed) == {f"sha-{k}" for k in bad}
+    assert all(failed.values())
+    assert any(re.search("decod", r) for r in failed.values())
+
+
+def _unnormalise(pixels: torch.Tensor, preprocess) -> torch.Tensor:
+    norm = [t for t in preprocess.transforms if type(t).__name__ == "Normalize"][0]
+    mean = torch.tensor(norm.mean).view(3, 1, 1)
+    std = torch.tensor(norm.std).view(3, 1, 1)
+    return pixels * std + mean
+
+
+@pytest.mark.parametrize(
+    "key, rgb",
+    [
+        ("png_16bit", (1.0, 1.0, 1.0)),  # 16-bit white stays white (scaled to 8 bit, not clipped)
+        ("cmyk_jpeg", (1.0, 0.0, 0.0)),  # CMYK (0, 255, 255, 0) is red
+        ("animated_gif", (1.0, 0.0, 0.0)),  # first frame is red
+    ],
+)
+def test_decoded_colours(image_files, tiny_model, key, rgb):
+    pixels, _, _, error = ImageDataset([(image_files[key][0], "s")], tiny_model.preprocess)[0]
+    assert error is None
+    centre = _unnormalise(pixels, tiny_model.preprocess)[:, pixels.shape[1] // 2, pixels.shape[2] // 2]
+    assert centre.tolist() == pytest.approx(list(rgb), abs=0.08)
+
+
+def test_16bit_mid_grey_is_scaled_not_clipped(tmp_path, tiny_model):
+    path = tmp_path / "mid16.png"
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(path)
+    pixels, _, _, error = ImageDataset([(path, "s")], tiny_model.preprocess)[0]
+    assert error is None
+    centre = _unnormalise(pixels, tiny_model.preprocess)[:, 16, 16]
+    assert centre.tolist() == pytest.approx([128 / 255] * 3, abs=0.02)
+
+
+def test_collate_all_failed(tmp_path):
+    bad = touch(tmp_path / "x.jpg", b"nope")
+    ds = ImageDataset([(bad, "h1")], lambda im: torch.zeros(3, 4, 4))
+    stacked, shas, failed = collate_images([ds[0]])
+    assert stacked is None and shas == [] and list(failed) == ["h1"]
