@@ -9,6 +9,7 @@ Pipeline, one module per stage:
     query.py                 run_query: embed, search, decide, report
     attack.py                the paper's unique-plurality vote rule and score
     labels.py, metrics.py    ground truth and confusion metrics
+    textfiles.py             UTF-8 and CSV reading with file:line errors (templates, labels, manifests)
     report.py                the report directory and load_predictions
     demo.py, synthetic.py    the offline demo: a tiny model and generated faces
 """

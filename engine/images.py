@@ -11,9 +11,7 @@ A file that cannot be read or decoded is skipped with a reason; the run goes on.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +22,8 @@ import torch
 from PIL import Image, ImageFile
 
 from .errors import InputError
-from .names import check_name, decode_utf8, normalize_name
+from .names import check_name, normalize_name
+from .textfiles import iter_csv_rows
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,7 @@ def collect_from_csv(csv_path: Path) -> ImageCollection:
     if not csv_path.is_file():
         raise InputError(f"image manifest {csv_path} does not exist or is not a file")
     persons: dict[str, list[Path]] = {}
-    text = decode_utf8(csv_path.read_bytes(), csv_path, "image manifest")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    if "path" not in header or "name" not in header:
-        raise InputError(f"image manifest {csv_path} needs columns path,name; found {','.join(header) or 'none'}")
-    reader.fieldnames = header
-    for row in reader:
-        lineno = reader.line_num  # csv skips blank lines: count the file's real lines
+    for lineno, row in iter_csv_rows(csv_path, ("path", "name"), "image manifest"):
         raw_path, raw_name = (row.get("path") or "").strip(), (row.get("name") or "")
         if not raw_path:
             raise InputError(f"{csv_path}:{lineno}: empty path")

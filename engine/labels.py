@@ -7,12 +7,11 @@ gave wrong labels in the paper's first version).
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 from .errors import InputError
-from .names import check_name, decode_utf8, normalize_name
+from .names import check_name, normalize_name
+from .textfiles import iter_csv_rows
 
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
@@ -24,14 +23,7 @@ def read_labels(path: Path) -> dict[str, bool]:
     if not path.is_file():
         raise InputError(f"labels file {path} does not exist or is not a file")
     labels: dict[str, bool] = {}
-    reader = csv.DictReader(io.StringIO(decode_utf8(path.read_bytes(), path, "labels file"), newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    for column in ("name", "member"):
-        if column not in header:
-            raise InputError(f"labels file {path} has no column {column!r}; expected header name,member")
-    reader.fieldnames = header
-    for row in reader:
-        lineno = reader.line_num  # csv skips blank lines: count the file's real lines
+    for lineno, row in iter_csv_rows(path, ("name", "member"), "labels file"):
         name = normalize_name(row.get("name") or "")
         check_name(name, where=f"{path}:{lineno}")
         value = (row.get("member") or "").strip().lower()

@@ -24,16 +24,6 @@ def normalize_name(name: str) -> str:
     return unicodedata.normalize("NFC", name.strip())
 
 
-def decode_utf8(data: bytes, path: Path, what: str) -> str:
-    """Decode a whole file's bytes (a leading BOM dropped); the error names the file, line and byte."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: {what} is not valid UTF-8 (byte 0x{data[e.start]:02x}); save it as UTF-8"
-                         ) from None
-
-
 def check_name(name: str, *, where: str) -> None:
     """Raise InputError if `name` is empty or has a control character (tab, NUL, ...) or line separator."""
     if not name:

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .errors import InputError
-from .names import decode_utf8
+from .textfiles import decode_utf8
 
 # Paper mode, in this order (Hintersdorf et al., JAIR 2024; see shared/IDIA.md). Do not edit.
 PAPER_TEMPLATES: tuple[str, ...] = (

@@ -1,0 +1,37 @@
+"""Reading the small text inputs (templates, labels, image manifests) with errors that name file and line."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError
+
+
+def decode_utf8(data: bytes, path: Path, what: str) -> str:
+    """Decode a whole file's bytes (a leading BOM dropped); the error names the file, line and byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: {what} is not valid UTF-8 (byte 0x{data[e.start]:02x}); save it as UTF-8"
+                         ) from None
+
+
+def iter_csv_rows(path: Path, required: tuple[str, ...], what: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield (line number in the file, row) of a UTF-8 CSV whose header holds the `required` columns.
+
+    Header names are stripped of surrounding spaces. The line number is the file's real line (the csv
+    module skips blank lines, so counting rows would drift).
+    """
+    reader = csv.DictReader(io.StringIO(decode_utf8(path.read_bytes(), path, what), newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise InputError(f"{what} {path} has no column {missing[0]!r}; expected header {','.join(required)} "
+                         f"(found {','.join(header) or 'none'})")
+    reader.fieldnames = header
+    for row in reader:
+        yield reader.line_num, row
