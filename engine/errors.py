@@ -49,3 +49,7 @@ class ArtifactExistsError(ArtifactError):
 
 class ManifestMismatchError(ArtifactError):
     """Two artifacts do not belong together (e.g. embeddings from another model than the index)."""
+
+
+class NameDataError(IdiaError):
+    """The census name lists of the `names` package are missing or unreadable (a broken install)."""
