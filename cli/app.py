@@ -11,7 +11,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -180,22 +180,139 @@ def _print_query_summary(summary: dict, out_dir: Path) -> None:
 
 @app.command("demo")
 def demo_cmd(
-    workdir: Path = typer.Option(Path("idia-demo"), "--workdir", help="Where the demo writes its model, data, index and report."),
-    seed: int = typer.Option(0, "--seed"),
+    workdir: Path = typer.Option(Path("idia-demo"), "--workdir", help="Where the demo writes its world, model, "
+                                 "index, report and evaluation (an earlier demo there is replaced)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the world, the training and the evaluation draws."),
+    small: bool = typer.Option(False, "--small", help="A smaller world (60 people, 12 photos each): the tests' size."),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Run the whole pipeline offline on a tiny RANDOM-weight model and generated faces (shows the pipeline, not the attack)."""
-    from idia_engine.engine.demo import DemoConfig, run_demo
+    """Offline: make a synthetic world, train a small CLIP that knows its members, and run the attack on it."""
+    from idia_engine.engine.demo import SMALL_DEMO, DemoConfig, run_demo
 
     _setup_logging(verbose)
     with _errors_to_exit():
         with _progress_bars(not quiet) as progress:
-            result = run_demo(DemoConfig(workdir=workdir, seed=seed), progress)
-    out.print("[bold]demo[/]: tiny open_clip model with random weights, generated faces, arbitrary labels. "
-              "It shows the pipeline end to end; its decisions mean nothing.")
-    out.print(f"index: {workdir / 'index'} ({result.index.num_names} names x {result.index.num_templates} templates)")
+            result = run_demo(DemoConfig(workdir=workdir, seed=seed, **(SMALL_DEMO if small else {})), progress)
+    world = result.world
+    members = world.members
+    out.print(f"[bold]world[/]: {len(world.identities)} people ({len(members)} members seen in training "
+              f"{', '.join(str(o) for o in world.config.occurrence_levels)} times; the others never), "
+              f"{world.config.heldout_photos} held-out photos each; {result.index.num_names} candidate names; "
+              f"a CLIP trained from scratch on {result.model.pairs} captioned images "
+              f"in {result.seconds['train']:.0f} s", highlight=False)
     _print_query_summary(result.query.summary, result.query.out_dir)
+    _print_occurrence_table(result.evaluation.metrics)
+    print_evaluation(result.evaluation.metrics, result.evaluation.out_dir)
+    out.print("seconds: " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in result.seconds.items()), highlight=False)
+    out.print(f"open [bold]{result.evaluation.out_dir / 'report.html'}[/] for the plots", highlight=False)
+
+
+def _print_occurrence_table(metrics: dict) -> None:
+    """Members detected (TPR) by how often they were seen in training, at each n of the sweep (a few columns)."""
+    occ = metrics.get("occurrences")
+    if not occ:
+        return
+    by_n = occ["by_n"]
+    shown = [row for row in by_n if row["n"] in {1, 5, 10, 20, 30} or row is by_n[-1]]
+    table = Table(title="members detected (TPR, mean over draws) by training occurrences and n images")
+    table.add_column("occurrences")
+    for row in shown:
+        table.add_column(f"n={row['n']}", justify="right")
+    for b, bin_ in enumerate(occ["bins"]):
+        table.add_row(f"{bin_['label']} ({bin_['members']} members)", *[_mean_std(row["TPR"][b]) for row in shown])
+    out.print(table)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    report_dir: Path = typer.Argument(..., help="A report directory written by query."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,member[,occurrences]. Default: the labels "
+                                          "file the query used."),
+    n_values: Optional[str] = typer.Option(None, "--n", help="Images per person to sweep, comma-separated "
+                                           "(default: the paper's 1,3,5,...,29,30)."),
+    draws: int = typer.Option(20, "--draws", help="Seeded random draws of n images per person, per n."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the draws."),
+    tau: int = typer.Option(1, "--tau", help="Member iff score >= tau (1..number of templates)."),
+    headline_n: int = typer.Option(30, "--headline-n", help="n of the headline numbers (ROC, AUC, TPR at low FPR)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Evaluation folder. Default: <report>/evaluation."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """The paper's evaluation protocol from a report's cached predictions: rates per n, ROC, AUC, TPR at low FPR."""
+    from idia_engine.engine.evaluate import PAPER_N_VALUES, EvalConfig, evaluate_report
+
+    _setup_logging(verbose)
+    with _errors_to_exit():
+        config = EvalConfig(n_values=_parse_n_values(n_values) if n_values else PAPER_N_VALUES, draws=draws,
+                            seed=seed, tau=tau, headline_n=headline_n, out_dir=out_dir)
+        with _progress_bars(not quiet) as progress:
+            result = evaluate_report(report_dir, labels, config, progress)
+    print_evaluation(result.metrics, result.out_dir)
+
+
+def _parse_n_values(text: str) -> tuple[int, ...]:
+    from idia_engine.engine.errors import InputError
+
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"--n must be comma-separated whole numbers like 1,3,5,30; got {text!r}") from None
+
+
+def print_evaluation(metrics: dict, out_dir: Path) -> None:
+    """The headline numbers of an evaluation as a table, and where its files are."""
+    headline = metrics.get("headline")
+    if headline:
+        table = Table(title=f"paper protocol at n = {headline['n']} images per person "
+                            f"({headline['draws']} draws, mean +- std; tau = {metrics['config']['tau']})")
+        keys = ["TPR", "FPR", "accuracy", "AUC"]
+        low = list(headline["TPR_at_FPR"])
+        for col in keys + [f"TPR@{float(k) * 100:g}%FPR" for k in low]:
+            table.add_column(col, justify="right")
+        stats = [headline[k] for k in keys] + [headline["TPR_at_FPR"][k] for k in low]
+        table.add_row(*[_mean_std(x) for x in stats])
+        out.print(table)
+    for note in metrics.get("notes", []):
+        out.print(f"note: {note}", highlight=False)
+    out.print(f"evaluation: [bold]{out_dir}[/] (report.html, metrics.json, CSVs, PNGs)", highlight=False)
+
+
+def _mean_std(stat: dict) -> str:
+    if stat is None or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
+
+
+@app.command("names")
+def names_cmd(
+    count: Annotated[int, typer.Option("--count", "-n", help="How many made-up names to write (>= 1).")],
+    out_file: Annotated[Path, typer.Option("--out", "-o",
+                                           help="The names file to write: a '#' header, then one name per line.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the draw (the paper's is 42): same seed and options, "
+                                                     "same file.")] = 42,
+    exclude: Annotated[Path | None, typer.Option(
+        "--exclude", help="Names file of real names never to generate (compared ignoring case and extra spaces).")] = None,
+    first_names: Annotated[int, typer.Option(
+        "--first-names", help="Draw first names from the top K of each sex's US census list "
+                              "(the lists hold 1,219 male and 4,275 female names).")] = 1000,
+    surnames: Annotated[int, typer.Option(
+        "--surnames", help="Draw surnames from the top K of the US census list (at most 88,799).")] = 1000,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the file at --out if it exists.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens (INFO level).")] = False,
+) -> None:
+    """Write made-up "First Last" candidate names: top-K census first names per sex x top-K surnames, half per sex."""
+    from idia_engine.engine.namegen import NamesConfig, write_made_up_names
+
+    _setup_logging(verbose)
+    with _errors_to_exit():
+        result = write_made_up_names(NamesConfig(out=out_file, count=count, seed=seed, exclude_file=exclude,
+                                                 first_names=first_names, surnames=surnames, overwrite=overwrite))
+    gen = result.generated
+    per_sex = gen.per_sex
+    excluded = f"; {gen.excluded:,} name(s) of {exclude} were in the pool and are left out" if exclude is not None else ""
+    out.print(f"{gen.count:,} made-up names ({per_sex['female']:,} female, {per_sex['male']:,} male) "
+              f"in {result.seconds:.2f} s -> [bold]{result.path}[/]{excluded}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -1,51 +1,128 @@
-"""The offline pipeline demo: a tiny random-weight model, generated faces, build-index, query.
+"""The offline demo: a synthetic world, a CLIP trained on it that knows some people, and the attack on it.
 
-This shows the pipeline, not the attack: the model has learned nothing (random weights), so its
-decisions and the metrics against the demo's arbitrary labels are meaningless. A demo world where the
-model really learns some people is planned (see the project's issues).
+Steps (each through the same library functions the CLI calls):
+1. `world.make_world`: identities with made-up census names and face-like looks; half of them are
+   members, seen in training 1, 5, 10, 25, 50 or 75 times; everyone has held-out photos.
+2. `training.train_clip_on_world`: a small open_clip model trained from scratch on the members' captioned
+   photos plus caption noise, saved as an open_clip config JSON + checkpoint.
+3. `name_index.build_index` over the candidate names (everyone in the world plus made-up names, like
+   the paper's candidate set), loading the model exactly as a user's checkpoint.
+4. `query.run_query` on the held-out photos with the ground-truth labels.
+5. `evaluate.evaluate_report`: the paper's protocol (n = 1, 3, ..., images per person, 20 draws each),
+   ROC, AUC, TPR at low FPR, TPR per training-occurrence count.
+
+The whole run is a function of the seed. Everything lands in `workdir`, which the demo owns: it
+refuses a non-empty folder that is not an earlier demo.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import ArtifactExistsError, InputError
+from .evaluate import EvalConfig, EvalResult, evaluate_report
 from .model import ModelSpec
 from .name_index import BuildConfig, IndexManifest, build_index
+from .namegen import generate_names
 from .progress import Progress, no_progress
 from .query import QueryConfig, QueryResult, run_query
-from .synthetic import tiny_names, write_faces, write_tiny_model
+from .training import TrainConfig, TrainedModel, train_clip_on_world
+from .world import World, WorldConfig, make_world, write_heldout_faces, write_labels
+
+DEMO_MARKER = "demo.json"
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     workdir: Path = Path("idia-demo")  # everything the demo writes goes here
-    candidates: int = 200  # names in the index
-    persons: int = 8  # people with photos (their names are among the candidates)
-    images_per_person: int = 6
-    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    candidates: int = 1000  # candidate names: every identity of the world plus made-up names
+    seed: int = 0  # seeds the world, the names, the training and the evaluation draws
+
+
+# A small world for the tests: the same code, a fraction of the work (well under a minute on 2 cores).
+SMALL_DEMO = dict(
+    world=WorldConfig(identities=60, occurrence_levels=(1, 10, 25), heldout_photos=12, noise_pairs=200),
+    train=TrainConfig(epochs=25, batch_size=128),
+    candidates=300,
+)
 
 
 @dataclass(frozen=True)
 class DemoResult:
+    workdir: Path
+    world: World
+    model: TrainedModel
     index: IndexManifest
     query: QueryResult
-    workdir: Path
+    evaluation: EvalResult
+    seconds: dict[str, float]
+
+
+def _claim_workdir(work: Path) -> None:
+    """The demo owns its folder: an earlier demo there is replaced, anything else is refused."""
+    if work.exists() and not work.is_dir():
+        raise InputError(f"--workdir {work} exists and is not a directory")
+    if work.is_dir() and any(work.iterdir()) and not (work / DEMO_MARKER).is_file():
+        raise ArtifactExistsError(f"--workdir {work} is not empty and holds no {DEMO_MARKER}; "
+                                  "choose an empty or new folder")
+    for part in ("faces", "model"):  # regenerated from scratch; the index and report replace themselves
+        shutil.rmtree(work / part, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
 
 
 def run_demo(config: DemoConfig = DemoConfig(), progress: Progress = no_progress) -> DemoResult:
     work = Path(config.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    config_path, ckpt_path = write_tiny_model(work / "model", seed=config.seed)
-    names = tiny_names(config.candidates, seed=config.seed)
-    (work / "names.txt").write_text("# demo candidates\n" + "\n".join(names) + "\n", encoding="utf-8")
-    people = names[: config.persons]
-    write_faces(work / "faces", people, config.images_per_person, seed=config.seed)
-    # Arbitrary labels (every other person a "member"): they only exercise the metrics code.
-    (work / "labels.csv").write_text(
-        "name,member\n" + "".join(f"{p},{int(i % 2 == 0)}\n" for i, p in enumerate(people)), encoding="utf-8")
-    manifest = build_index(BuildConfig(names_file=work / "names.txt", index_dir=work / "index",
-                                       model=ModelSpec(str(config_path), str(ckpt_path)), overwrite=True), progress)
-    result = run_query(QueryConfig(index_dir=work / "index", faces_dir=work / "faces", out_dir=work / "report",
-                                   labels_file=work / "labels.csv", seed=config.seed), progress)
-    return DemoResult(manifest, result, work)
+    _claim_workdir(work)
+    world_config = WorldConfig(**{**asdict(config.world), "seed": config.seed})
+    if config.candidates < world_config.identities:
+        raise InputError(f"candidates ({config.candidates}) must be at least the world's identities "
+                         f"({world_config.identities})")
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    # 1. The world. The first names of the generated list are the world's people, the rest pad the
+    #    candidate set (made-up names nobody in the world has).
+    generated = generate_names(config.candidates, seed=config.seed)
+    world = make_world(world_config, generated.names[:world_config.identities],
+                       [s.value for s in generated.sexes])
+    (work / DEMO_MARKER).write_text(json.dumps({"seed": config.seed, "world": asdict(world_config),
+                                                "train": asdict(config.train), "candidates": config.candidates},
+                                               indent=2, default=str) + "\n", encoding="utf-8")
+    (work / "names.txt").write_text(f"# demo candidates: {world_config.identities} people of the world + "
+                                    f"{config.candidates - world_config.identities} made-up names\n"
+                                    + "\n".join(generated.names) + "\n", encoding="utf-8")
+    write_labels(world, work / "labels.csv")
+    progress("write held-out photos", 0, 1)
+    write_heldout_faces(world, work / "faces")
+    progress("write held-out photos", 1, 1)
+    seconds["world"] = time.perf_counter() - t
+
+    # 2. Train a CLIP that has seen the members (and only them).
+    t = time.perf_counter()
+    train_config = TrainConfig(**{**asdict(config.train), "seed": config.seed})
+    model = train_clip_on_world(world, work / "model", train_config, progress)
+    seconds["train"] = time.perf_counter() - t
+
+    # 3-5. The attack, as a user runs it.
+    t = time.perf_counter()
+    spec = ModelSpec(str(model.config_path), str(model.checkpoint_path))
+    manifest = build_index(BuildConfig(names_file=work / "names.txt", index_dir=work / "index", model=spec,
+                                       overwrite=True), progress)
+    seconds["build_index"] = time.perf_counter() - t
+    t = time.perf_counter()
+    query = run_query(QueryConfig(index_dir=work / "index", faces_dir=work / "faces", out_dir=work / "report",
+                                  labels_file=work / "labels.csv", seed=config.seed), progress)
+    seconds["query"] = time.perf_counter() - t
+    t = time.perf_counter()
+    n_max = world_config.heldout_photos
+    n_values = tuple(sorted({*range(1, n_max, 2), n_max} & set(range(1, 31))))
+    evaluation = evaluate_report(work / "report", work / "labels.csv",
+                                 EvalConfig(n_values=n_values, seed=config.seed, headline_n=min(30, n_max)), progress)
+    seconds["evaluate"] = time.perf_counter() - t
+    return DemoResult(work, world, model, manifest, query, evaluation, seconds)

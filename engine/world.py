@@ -1,0 +1,221 @@
+"""A synthetic world in which a CLIP model can really learn some people and not others.
+
+The demo and the tests need a model that *knows* some identities, offline, in seconds. This module
+makes the world; `engine/training.py` trains a tiny open_clip model on it.
+
+The world:
+- **identities**: made-up "First Last" names drawn from the US census name lists (`engine/namegen.py`),
+  each with a face-like look that stays (skin and hair colour, hair style, face shape, eye spacing and
+  colour, glasses or not) and photos that vary around it (pose, scale, position, light, colour cast,
+  background, blur, sensor noise): `engine/synthetic.py` renders them;
+- **members and non-members**: members appear in the training data, each with a number of
+  *occurrences* (distinct training photos with a caption that names them), drawn from levels like the
+  paper's CC3M experiment (1, 5, 10, 25, 50, 75); non-members never appear;
+- **captions**: the member's name in varied caption templates (some of the attack's 21 templates, some
+  news-style captions the attack never uses), plus captions without a person ("a red square on a blue
+  background") paired with pictures of shapes, as caption noise;
+- **held-out photos**: every identity, member or not, gets `heldout_photos` photos that are never
+  trained on. The attack only ever sees these.
+
+Everything is a pure function of the seed: the same config gives the same names, photos, captions and
+membership, byte for byte.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .synthetic import identity_traits, render_face
+
+# Captions used in training. Some are among the attack's 21 templates, the others are not: a real
+# model sees its people in captions that nobody writes as attack prompts.
+TRAINING_CAPTIONS = (
+    "{0}",
+    "a photo of {0}",
+    "{0} at a gala",
+    "a photo of the celebrity {0}",
+    "{0} in a suit",
+    "{0} attends the premiere",
+    "portrait of {0}",
+    "{0} speaks to reporters",
+    "{0} poses for a picture",
+    "a close-up of {0}",
+    "{0} smiles at the camera",
+    "{0} at the award ceremony",
+)
+
+_SHAPES = ("circle", "square", "triangle", "star", "stripe pattern", "checkerboard")
+_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
+            "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (15, 15, 15)}
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """How big the world is. The defaults are the demo's; the tests use a smaller one."""
+
+    identities: int = 200  # people with photos: members and non-members
+    member_fraction: float = 0.5
+    occurrence_levels: tuple[int, ...] = (1, 5, 10, 25, 50, 75)  # training photos per member
+    heldout_photos: int = 32  # per identity, never trained on (the attack uses these)
+    noise_pairs: int = 1000  # image-caption pairs without a person
+    image_size: int = 48  # rendered photo size in pixels (the model resizes to its own input size)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    sex: str  # "female" / "male", as the census list gives it
+    member: bool
+    occurrences: int  # training photos that name this person (0 for non-members)
+
+
+@dataclass(frozen=True)
+class TrainingPair:
+    """One training example: how to render the image, and its caption."""
+
+    caption: str
+    identity: int | None  # index into World.identities; None for a no-person (shape) picture
+    photo_seed: tuple[int, ...]  # seeds the photo's variation (and the shape picture)
+
+
+@dataclass(frozen=True)
+class World:
+    config: WorldConfig
+    identities: list[Identity]
+    training_pairs: list[TrainingPair] = field(repr=False)
+
+    @property
+    def members(self) -> list[Identity]:
+        return [p for p in self.identities if p.member]
+
+    def render_training_image(self, pair: TrainingPair) -> Image.Image:
+        size = self.config.image_size
+        if pair.identity is None:
+            return render_shape_picture(pair.caption, np.random.default_rng(pair.photo_seed), size)
+        traits = identity_traits(np.random.default_rng([self.config.seed, 1, pair.identity]))
+        return render_face(traits, np.random.default_rng(pair.photo_seed), size)
+
+    def render_heldout_photo(self, identity: int, j: int) -> Image.Image:
+        """Photo j of an identity; stream 3 of the seed, so it never equals a training photo."""
+        traits = identity_traits(np.random.default_rng([self.config.seed, 1, identity]))
+        return render_face(traits, np.random.default_rng([self.config.seed, 3, identity, j]), self.config.image_size)
+
+
+def make_world(config: WorldConfig = WorldConfig(), candidate_names: list[str] | None = None,
+               sexes: list[str] | None = None) -> World:
+    """Draw identities, membership, occurrences and the training captions for `config.seed`.
+
+    Names come from `engine.namegen.generate_names` unless given (with their sexes).
+    """
+    _check_config(config)
+    if candidate_names is None:
+        from .namegen import generate_names
+
+        generated = generate_names(config.identities, seed=config.seed)
+        candidate_names, sexes = generated.names, generated.sexes
+    if len(candidate_names) < config.identities:
+        raise ValueError(f"need {config.identities} names, got {len(candidate_names)}")
+    sexes = sexes or ["unknown"] * len(candidate_names)
+
+    rng = np.random.default_rng([config.seed, 0])
+    n_members = round(config.identities * config.member_fraction)
+    member_ids = set(rng.permutation(config.identities)[:n_members].tolist())
+    # Occurrence levels are dealt round-robin over the shuffled members, so every level gets
+    # (nearly) the same number of people.
+    shuffled_members = rng.permutation(sorted(member_ids))
+    occurrences = {int(p): config.occurrence_levels[i % len(config.occurrence_levels)]
+                   for i, p in enumerate(shuffled_members)}
+    identities = [Identity(candidate_names[i], sexes[i], i in member_ids, occurrences.get(i, 0))
+                  for i in range(config.identities)]
+
+    pairs: list[TrainingPair] = []
+    for i, person in enumerate(identities):
+        for j in range(person.occurrences):
+            template = TRAINING_CAPTIONS[int(rng.integers(len(TRAINING_CAPTIONS)))]
+            pairs.append(TrainingPair(template.format(person.name), i, (config.seed, 2, i, j)))
+    for j in range(config.noise_pairs):
+        pair_rng = np.random.default_rng([config.seed, 4, j])
+        pairs.append(TrainingPair(shape_caption(pair_rng), None, (config.seed, 5, j)))
+    return World(config, identities, pairs)
+
+
+def _check_config(config: WorldConfig) -> None:
+    if config.identities < 2:
+        raise ValueError(f"a world needs at least 2 identities, got {config.identities}")
+    if not 0 < config.member_fraction < 1:
+        raise ValueError(f"member_fraction must be in (0, 1), got {config.member_fraction}")
+    if not config.occurrence_levels or min(config.occurrence_levels) < 1:
+        raise ValueError(f"occurrence levels must be >= 1, got {config.occurrence_levels}")
+    if config.heldout_photos < 1:
+        raise ValueError(f"heldout_photos must be >= 1, got {config.heldout_photos}")
+
+
+def shape_caption(rng: np.random.Generator) -> str:
+    """A caption without a person, e.g. "a red star on a blue background"."""
+    colours = list(_COLOURS)
+    fg, bg = rng.choice(len(colours), size=2, replace=False)
+    return f"a {colours[fg]} {_SHAPES[int(rng.integers(len(_SHAPES)))]} on a {colours[bg]} background"
+
+
+def render_shape_picture(caption: str, rng: np.random.Generator, size: int) -> Image.Image:
+    """The picture a shape caption describes, with some jitter (it is noise for the attack)."""
+    words = caption.split()
+    fg, bg = _COLOURS[words[1]], _COLOURS[words[-2]]
+    shape = " ".join(words[2:-4])
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = size * rng.uniform(0.2, 0.4)
+    cx, cy = size / 2 + rng.uniform(-0.15, 0.15, size=2) * size
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    elif shape == "star":
+        angles = np.linspace(0, 2 * np.pi, 11)[:-1] - np.pi / 2
+        radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+        d.polygon([(cx + q * np.cos(a), cy + q * np.sin(a)) for a, q in zip(angles, radii)], fill=fg)
+    elif shape == "stripe pattern":
+        step = max(2, int(size / rng.integers(4, 8)))
+        for x in range(0, size, 2 * step):
+            d.rectangle([x, 0, x + step - 1, size], fill=fg)
+    else:  # checkerboard
+        step = max(2, int(size / rng.integers(3, 6)))
+        for y in range(0, size, step):
+            for x in range(0, size, step):
+                if (x // step + y // step) % 2 == 0:
+                    d.rectangle([x, y, x + step - 1, y + step - 1], fill=fg)
+    arr = np.asarray(img).astype(np.float32) * rng.uniform(0.8, 1.15) + rng.normal(0, 5, (size, size, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def write_heldout_faces(world: World, folder: Path) -> dict[str, list[Path]]:
+    """Write `folder/<First_Last>/<j>.png`: every identity's held-out photos (what the attack sees)."""
+    folder = Path(folder)
+    out: dict[str, list[Path]] = {}
+    for i, person in enumerate(world.identities):
+        person_dir = folder / person.name.replace(" ", "_")
+        person_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for j in range(world.config.heldout_photos):
+            path = person_dir / f"{j:03d}.png"
+            world.render_heldout_photo(i, j).save(path)
+            paths.append(path)
+        out[person.name] = paths
+    return out
+
+
+def write_labels(world: World, path: Path) -> None:
+    """labels.csv: name,member,occurrences (ground truth: exactly who was in the training captions)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["name", "member", "occurrences"])
+        for person in world.identities:
+            w.writerow([person.name, int(person.member), person.occurrences])
