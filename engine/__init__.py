@@ -11,7 +11,11 @@ Pipeline, one module per stage:
     labels.py, metrics.py    ground truth and confusion metrics
     textfiles.py             UTF-8 and CSV reading with file:line errors (templates, labels, manifests)
     report.py                the report directory and load_predictions
-    demo.py, synthetic.py    the offline demo: a tiny model and generated faces
+    evaluate.py              the paper's evaluation protocol over a report (eval_report.py: CSV, PNG, HTML)
+    namegen.py               made-up candidate names from the US census lists
+    world.py, synthetic.py   the demo's synthetic world: identities, membership, captions, photos
+    training.py              training a small open_clip model from scratch on that world
+    demo.py                  the offline demo: world, training, build-index, query, evaluate
 """
 
 from .errors import IdiaError
@@ -19,3 +23,5 @@ from .name_index import BuildConfig, build_index, open_index
 from .query import QueryConfig, run_query
 
 __all__ = ["BuildConfig", "IdiaError", "QueryConfig", "build_index", "open_index", "run_query"]
+# evaluate_report (evaluate.py) and run_demo (demo.py) are imported from their modules: they pull in
+# matplotlib and the training code, which build-index and query do not need.
