@@ -18,10 +18,17 @@ Pipeline, one module per stage:
     demo.py                  the offline demo: world, training, build-index, query, evaluate
 """
 
-from .errors import IdiaError
-from .name_index import BuildConfig, build_index, open_index
-from .query import QueryConfig, run_query
+from importlib import import_module
 
-__all__ = ["BuildConfig", "IdiaError", "QueryConfig", "build_index", "open_index", "run_query"]
-# evaluate_report (evaluate.py) and run_demo (demo.py) are imported from their modules: they pull in
-# matplotlib and the training code, which build-index and query do not need.
+# The main entry points, imported on first use: importing `idia_engine.engine.errors` (which the
+# indexes package does) must not pull in the whole pipeline, or engine and indexes would import each
+# other in a circle. evaluate_report (evaluate.py) and run_demo (demo.py) live in their modules.
+_EXPORTS = {"IdiaError": "errors", "BuildConfig": "name_index", "build_index": "name_index",
+            "open_index": "name_index", "QueryConfig": "query", "run_query": "query"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
