@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import DeviceError, InputError, ModelLoadError, WeightsUnavailableError
+from .text_encoder import TextEncoder, TextPath
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,14 @@ class LoadedModel:
         self.info = info
         self.device = device
         self.precision = precision
+        # Trimmed, shared-prefix text forward pass where it provably equals model.encode_text (see
+        # text_encoder.py); open_clip's own encode_text otherwise. Logs which, once.
+        self.text_encoder = TextEncoder(model)
+
+    @property
+    def text_path(self) -> TextPath:
+        """Which code computes text embeddings: TextPath.FAST or TextPath.STOCK (why: text_encoder.reason)."""
+        return self.text_encoder.path
 
     def _autocast(self):
         dtype = self.precision.autocast_dtype
@@ -347,9 +356,9 @@ class LoadedModel:
     @torch.inference_mode()
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
         """Prompts -> [len(prompts), D] float32, L2-normalised."""
-        tokens = self.tokenizer(list(prompts)).to(self.device)
+        tokens = self.tokenizer(list(prompts))  # the encoder plans batches on the CPU, then moves them
         with self._autocast():
-            emb = self.model.encode_text(tokens)
+            emb = self.text_encoder.encode(tokens)
         return _l2_normalize(emb)
 
     @torch.inference_mode()
