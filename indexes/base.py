@@ -7,11 +7,12 @@ Search parameters (nprobe, efSearch, ...) travel with each call; they are never 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
-
 from idia_engine.engine.errors import IdiaError
 
 
@@ -23,6 +24,25 @@ class UnknownBackendError(IdiaError):
     """An index kind that no backend is registered for."""
 
     exit_code = 2
+
+
+class IndexSpecError(UnknownBackendError):
+    """A faiss factory string (or index description) that cannot build an index of the asked dimension,
+    or a memory budget no index fits in."""
+
+
+class SearchParamsError(VectorFormatError):
+    """Search parameters an index cannot use (an unknown key, a value out of range).
+
+    A subclass of VectorFormatError because the exact backends have always rejected parameters with it."""
+
+
+class IndexNotTrainedError(IdiaError):
+    """Rows were added to (or searched in) an index that needs `train(sample)` first."""
+
+
+class IndexFileError(IdiaError):
+    """An index file (or its sidecar) is missing, of another index type, or inconsistent with itself."""
 
 
 def as_vectors(x: Any, dim: int | None = None, *, what: str = "vectors") -> np.ndarray:
@@ -46,6 +66,16 @@ def sort_topk(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.take_along_axis(scores, order, -1), np.take_along_axis(ids, order, -1)
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """An approximate top-k' and a certificate for every row it left out (see `indexes.exact`)."""
+
+    scores: np.ndarray  # float32 [Q, k'] approximate (code-based) scores, -inf where fewer than k' were found
+    ids: np.ndarray  # int64 [Q, k'] row ids, -1 where fewer than k' were found
+    bound: np.ndarray  # float64 [Q]: every row NOT in `ids` has exact score q.x <= bound (-inf: none left out;
+    #                    +inf: nothing is known)
+
+
 @runtime_checkable
 class NameIndexBackend(Protocol):
     """Top-k inner-product search over the embeddings of one template."""
@@ -60,7 +90,7 @@ class NameIndexBackend(Protocol):
     def ntotal(self) -> int: ...
 
     @classmethod
-    def create(cls, dim: int, *, use_gpu: bool = False) -> "NameIndexBackend": ...
+    def create(cls, dim: int, *, use_gpu: bool = False) -> NameIndexBackend: ...
 
     def add(self, vectors: np.ndarray) -> None:
         """Append rows; row ids continue from `ntotal`."""
@@ -73,4 +103,4 @@ class NameIndexBackend(Protocol):
     def save(self, path: Path) -> None: ...
 
     @classmethod
-    def load(cls, path: Path, *, use_gpu: bool = False) -> "NameIndexBackend": ...
+    def load(cls, path: Path, *, use_gpu: bool = False) -> NameIndexBackend: ...

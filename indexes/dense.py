@@ -5,8 +5,9 @@ It is the baseline every benchmark measures against, and an independent exact pa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ _SCORE_BUDGET = 64 * 1024 * 1024
 class DenseTorchBackend:
     kind: ClassVar[str] = "dense"
     file_suffix: ClassVar[str] = ".npy"
+    # Scores are float32 dot products of the stored rows (torch keeps TF32 off for float32 matmul by default).
+    exact_search: ClassVar[bool] = True
 
     def __init__(self, dim: int, device: torch.device):
         self._dim = dim
@@ -30,7 +33,7 @@ class DenseTorchBackend:
         self._matrix: torch.Tensor | None = None
 
     @classmethod
-    def create(cls, dim: int, *, use_gpu: bool = False) -> "DenseTorchBackend":
+    def create(cls, dim: int, *, use_gpu: bool = False) -> DenseTorchBackend:
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         return cls(dim, device)
 
@@ -85,7 +88,7 @@ class DenseTorchBackend:
         np.save(path, self._names().cpu().numpy())
 
     @classmethod
-    def load(cls, path: Path, *, use_gpu: bool = False) -> "DenseTorchBackend":
+    def load(cls, path: Path, *, use_gpu: bool = False) -> DenseTorchBackend:
         matrix = np.load(path)
         backend = cls.create(matrix.shape[1], use_gpu=use_gpu)
         backend.add(matrix)

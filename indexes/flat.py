@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
@@ -37,13 +38,14 @@ class FlatIPBackend:
 
     kind: ClassVar[str] = "flat"
     file_suffix: ClassVar[str] = ".faiss"
+    exact_search: ClassVar[bool] = True  # scores are float32 dot products of the stored rows (no codes)
 
     def __init__(self, index: faiss.Index, on_gpu: bool):
         self._index = index
         self.on_gpu = on_gpu
 
     @classmethod
-    def create(cls, dim: int, *, use_gpu: bool = False) -> "FlatIPBackend":
+    def create(cls, dim: int, *, use_gpu: bool = False) -> FlatIPBackend:
         return cls(*_to_gpu(faiss.IndexFlatIP(dim), use_gpu))
 
     @property
@@ -73,7 +75,7 @@ class FlatIPBackend:
         faiss.write_index(index, str(path))
 
     @classmethod
-    def load(cls, path: Path, *, use_gpu: bool = False) -> "FlatIPBackend":
+    def load(cls, path: Path, *, use_gpu: bool = False) -> FlatIPBackend:
         index = faiss.read_index(str(path))
         if not isinstance(index, faiss.IndexFlatIP):
             raise VectorFormatError(f"{path} holds a {type(index).__name__}, not an IndexFlatIP")
