@@ -21,7 +21,6 @@ from rich.table import Table
 
 from idia_engine.engine.errors import IdiaError
 from idia_engine.engine.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, DeviceChoice, ModelSpec, Precision
-from idia_engine.indexes import DEFAULT_BACKEND
 
 app = typer.Typer(
     name="idia-engine",
@@ -91,7 +90,12 @@ def build_index_cmd(
              f"Default: {DEFAULT_PRETRAINED} for {DEFAULT_MODEL}."),
     templates_file: Optional[Path] = typer.Option(
         None, "--templates", help="File of prompt templates, one per line, each with one {0} or {}. Default: the paper's 21."),
-    index_kind: str = typer.Option(DEFAULT_BACKEND, "--index", help="Index backend: flat (exact FAISS) or dense (torch)."),
+    index_kind: str = typer.Option(
+        "auto", "--index",
+        help="auto (chosen from names x templates x dim, --memory-budget and the device), flat (exact FAISS), "
+             "dense (torch, the paper's baseline), or any faiss factory string (IVF4096,SQ8, HNSW32,Flat, SQ8, ...): "
+             "approximate indexes are re-ranked exactly and certified at query time."),
+    memory_budget: float = typer.Option(8.0, "--memory-budget", help="GiB all templates' indexes may take (for --index auto)."),
     device: DeviceChoice = DeviceOpt,
     precision: Precision = PrecisionOpt,
     batch_size: int = typer.Option(256, "--batch-size", help="Prompts per forward pass."),
@@ -99,7 +103,7 @@ def build_index_cmd(
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Encode every (template, name) prompt once and store the embeddings in a FAISS index."""
+    """Encode every (template, name) prompt once and store the embeddings in a FAISS index (resumable: rerun after an interrupt)."""
     from idia_engine.engine.name_index import BuildConfig, build_index
     from idia_engine.engine.templates import PAPER_TEMPLATES, load_templates
 
@@ -108,7 +112,8 @@ def build_index_cmd(
         templates = load_templates(templates_file) if templates_file is not None else PAPER_TEMPLATES
         config = BuildConfig(names_file=names_file, index_dir=index_dir, model=ModelSpec(model, pretrained),
                              templates=templates, index_kind=index_kind, device=device, precision=precision,
-                             batch_size=batch_size, overwrite=overwrite)
+                             batch_size=batch_size, overwrite=overwrite,
+                             memory_budget_bytes=_budget_bytes(memory_budget))
         with _progress_bars(not quiet) as progress:
             manifest = build_index(config, progress)
     enc = manifest.encode
@@ -117,6 +122,30 @@ def build_index_cmd(
               f"on {enc['device']} ({enc['precision']})", highlight=False)
     if manifest.duplicates_dropped:
         out.print(f"{manifest.duplicates_dropped} duplicate name(s) dropped (first occurrence kept)")
+
+
+def _budget_bytes(gib: float) -> int:
+    from idia_engine.engine.errors import InputError
+
+    if not gib > 0:
+        raise InputError(f"--memory-budget must be a positive number of GiB, got {gib}")
+    return int(gib * 2**30)
+
+
+def _search_params(items: list[str] | None) -> dict | None:
+    """--search-param key=value (repeatable) -> {key: int/float}."""
+    from idia_engine.engine.errors import InputError
+
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            params[key.strip()] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise InputError(f"--search-param must look like nprobe=64 or efSearch=128, got {item!r}") from None
+    return params or None
 
 
 @app.command("query")
@@ -137,6 +166,12 @@ def query_cmd(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass and per store commit."),
     workers: int = typer.Option(0, "--workers", help="Image-decoding worker processes (0 = main process)."),
     store_dtype: str = typer.Option("float32", "--store-dtype", help="Stored embedding dtype: float32 or float16."),
+    search_param: Optional[list[str]] = typer.Option(
+        None, "--search-param", help="Per-call index parameter key=value, repeatable (nprobe=64, efSearch=128)."),
+    no_fallback: bool = typer.Option(
+        False, "--no-fallback",
+        help="Approximate indexes: keep re-ranked answers that cannot be certified (counted in summary.json; "
+             "faster, decisions may differ from exact) instead of answering them by exact brute force."),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -148,7 +183,8 @@ def query_cmd(
         config = QueryConfig(index_dir=index_dir, faces_dir=faces_dir, image_manifest=manifest, out_dir=out_dir,
                              store_dir=store, labels_file=labels, top_k=top_k, tau=tau,
                              images_per_person=images_per_person, seed=seed, strict=strict, device=device,
-                             precision=precision, batch_size=batch_size, workers=workers, store_dtype=store_dtype)
+                             precision=precision, batch_size=batch_size, workers=workers, store_dtype=store_dtype,
+                             search_params=_search_params(search_param), exact_fallback=not no_fallback)
         with _progress_bars(not quiet) as progress:
             result = run_query(config, progress)
     _print_query_summary(result.summary, out_dir)

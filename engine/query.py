@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from idia_engine.indexes import sort_topk
+from idia_engine.indexes import Exactness, search_exact, sort_topk
 
 from .atomic import staged_directory
 from .attack import PaperModeVotes, paper_mode_votes
@@ -65,6 +65,8 @@ class QueryConfig:
     workers: int = 0  # DataLoader worker processes decoding images (0 = in the main process)
     store_dtype: str = "float32"  # how embeddings are stored: float32 or float16
     search_chunk: int = 4096  # image embeddings read from the store and searched at once
+    search_params: dict | None = None  # per-call index parameters (e.g. {"nprobe": 64}); default: the manifest's
+    exact_fallback: bool = True  # approximate kinds: brute-force what cannot be certified (False: flag it)
 
 
 @dataclass(frozen=True)
@@ -207,8 +209,9 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
                                                    shape=(len(rows), len(templates), k))
                 scores_mm = np.lib.format.open_memmap(pred_dir / "topk_scores.npy", mode="w+", dtype=np.float32,
                                                       shape=(len(rows), len(templates), k))
-                _search(index, store, ns, [sha for _, _, sha in rows], extra_emb, k, model.device.type == "cuda",
-                        config.search_chunk, ids_mm, scores_mm, progress)
+                search_stats = _search(index, store, ns, [sha for _, _, sha in rows], extra_emb, k,
+                                       model.device.type == "cuda", config.search_chunk, ids_mm, scores_mm, progress,
+                                       config.search_params, config.exact_fallback)
                 top1 = np.array(ids_mm[:, :, 0], dtype=np.int64)
                 ids_mm.flush()
                 scores_mm.flush()
@@ -231,22 +234,41 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
                 summary = _summary(config, index, model, store_dir, collection, persons, images_used, rows, skipped,
                                    encoded, len(unique) - len(todo), extra_names, votes, decisions, metrics,
                                    label_info, k, timer)
+                summary["search"] = search_stats
                 write_summary(tmp, summary)
         summary["timings_s"] = timer.seconds  # includes the final swap; the file has all but that
     return QueryResult(Path(config.out_dir), summary)
 
 
 def _search(index: NameIndex, store: EmbeddingStore, ns, shas: list[str], extra_emb: np.ndarray | None, k: int,
-            use_gpu: bool, chunk: int, ids_out: np.ndarray, scores_out: np.ndarray, progress: Progress) -> None:
-    """Fill ids_out/scores_out [M, T, k] with each image's top-k candidates per template (exact)."""
+            use_gpu: bool, chunk: int, ids_out: np.ndarray, scores_out: np.ndarray, progress: Progress,
+            search_params: dict | None = None, fallback: bool = True) -> dict:
+    """Fill ids_out/scores_out [M, T, k] with each image's top-k candidates per template; return counts.
+
+    Exact kinds (flat, dense) answer exactly. Approximate kinds go through `search_exact`: candidates from
+    the index, exact re-rank against the template's raw vectors, a certificate that no other name can beat
+    the winner, and brute force for the uncertified (or, with fallback=False, a flag).
+    """
     n_templates = len(index.templates)
     total = len(shas) * n_templates
+    exact_kind = index.exact
+    params = {**index.manifest.search_params, **(search_params or {})}
+    stats = {"index_kind": index.manifest.index_kind, "search_params": params, "predictions": total,
+             "exact_by_index": total if exact_kind else 0, "certified": 0, "fell_back": 0, "uncertified_kept": 0}
     progress("search", 0, total)
     done = 0
     for t in range(n_templates):
         backend = index.load_template(t, use_gpu=use_gpu)
+        vectors = None if exact_kind else index.vectors(t)
         for start, queries in store.iter_embeddings(ns, shas, chunk):
-            scores, ids = backend.search(queries, k)
+            if exact_kind:
+                scores, ids = backend.search(queries, k, params or None)
+            else:
+                res = search_exact(backend, vectors, queries, k, params or None, fallback, need=Exactness.TOP1)
+                scores, ids = res.scores, res.ids
+                stats["certified"] += int(res.certified.sum())
+                stats["fell_back"] += int(res.fell_back.sum())
+                stats["uncertified_kept"] += int((~res.certified & ~res.fell_back).sum())
             if extra_emb is not None:
                 # Names added for this run are scored exactly and merged into the top-k.
                 extra_scores = queries @ extra_emb[t].T
@@ -258,7 +280,9 @@ def _search(index: NameIndex, store: EmbeddingStore, ns, shas: list[str], extra_
             scores_out[start:start + len(queries), t] = scores
             done += len(queries)
             progress("search", done, total)
-        del backend
+        del backend, vectors
+    stats["exact_decisions"] = stats["uncertified_kept"] == 0
+    return stats
 
 
 def _metrics(persons: list[str], votes: PaperModeVotes, decisions: np.ndarray, labels: dict[str, bool] | None):

@@ -297,7 +297,7 @@ def _bad_inputs(root: Path, world, tiny_model_files):
         ([*b, files / "tab.txt"], 2, "tab.txt:2"),
         ([*b, world["names_file"], "--templates", files / "tpl.txt"], 2, "tpl.txt:1"),
         ([*b, world["names_file"], "--templates", files / "nope.txt"], 2, "does not exist"),
-        ([*b, world["names_file"], "--index", "hnsw-nope"], 2, "unknown index kind"),
+        ([*b, world["names_file"], "--index", "hnsw-nope"], 2, "is neither auto, flat, dense nor a valid faiss factory"),
         (["build-index", world["names_file"], "--index-dir", files / "notempty", *m], 2, "not empty"),
         (["build-index", world["names_file"], "--index-dir", root / "i2", "--model", "No-Such"], 2, "unknown model"),
         (["build-index", world["names_file"], "--index-dir", root / "i3"], 1, "not in the local cache"),

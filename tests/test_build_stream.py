@@ -1,0 +1,140 @@
+"""Streaming, resumable builds and approximate index kinds whose decisions stay exact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from idia_engine.engine import name_index
+from idia_engine.engine.model import load_model
+from idia_engine.engine.name_index import BuildConfig, build_index, open_index, vectors_file
+from idia_engine.engine.query import QueryConfig, run_query
+from idia_engine.engine.report import load_predictions
+from idia_engine.engine.synthetic import tiny_names
+
+TWO_TEMPLATES = ("a photo of {0}", "{0} at a gala")
+
+
+@pytest.fixture(scope="module")
+def many_names(tmp_path_factory):
+    """300 candidate names (the tiny name pool's 20 x 20 grid, most of it)."""
+    path = tmp_path_factory.mktemp("names") / "names.txt"
+    names = tiny_names(300, seed=3)
+    path.write_text("\n".join(names) + "\n", encoding="utf-8")
+    return path, names
+
+
+class CountingModel:
+    """Wraps a LoadedModel; counts prompts encoded and can interrupt after `stop_after` batches."""
+
+    def __init__(self, model, stop_after: int | None = None):
+        self._model, self.stop_after, self.batches, self.prompts = model, stop_after, 0, 0
+
+    def encode_text(self, prompts):
+        if self.stop_after is not None and self.batches >= self.stop_after:
+            raise KeyboardInterrupt
+        self.batches += 1
+        self.prompts += len(prompts)
+        return self._model.encode_text(prompts)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_an_interrupted_build_resumes_without_re_encoding_and_gives_the_same_index(
+        tiny_model, tiny_spec, many_names, tmp_path, monkeypatch):
+    names_file, names = many_names
+    monkeypatch.setattr(name_index, "COMMIT_EVERY_S", 0.0)  # commit after every batch
+    config = BuildConfig(names_file=names_file, index_dir=tmp_path / "idx", model=tiny_spec,
+                         templates=TWO_TEMPLATES, index_kind="IVF4,Flat", batch_size=64)
+    interrupted = CountingModel(tiny_model, stop_after=7)  # template 0 done (5 batches), 2 of template 1
+    with pytest.raises(KeyboardInterrupt):
+        build_index(config, model=interrupted)
+    assert not (tmp_path / "idx" / "manifest.json").exists()
+    [build_dir] = [p for p in (tmp_path / "idx").iterdir() if p.name.startswith(".build-")]
+    progress = json.loads((build_dir / "progress.json").read_text())
+    assert progress["rows"] == [300, 128] and progress["indexed"] == [True, False]
+
+    resumed = CountingModel(tiny_model)
+    manifest = build_index(config, model=resumed)
+    assert resumed.prompts == 300 - 128  # only what was not on disk
+    assert manifest.encode["resumed"] is True
+    assert not any(p.name.startswith(".build-") for p in (tmp_path / "idx").iterdir())
+
+    fresh = build_index(BuildConfig(**{**config.__dict__, "index_dir": tmp_path / "fresh"}), model=tiny_model)
+    a, b = open_index(tmp_path / "idx"), open_index(tmp_path / "fresh")
+    for t in range(2):
+        assert (a.data_dir / vectors_file(t)).read_bytes() == (b.data_dir / vectors_file(t)).read_bytes()
+    assert manifest.files == fresh.files
+
+
+def test_a_build_for_other_inputs_does_not_resume_a_foreign_one(tiny_model, tiny_spec, many_names, tmp_path,
+                                                               monkeypatch):
+    names_file, _ = many_names
+    monkeypatch.setattr(name_index, "COMMIT_EVERY_S", 0.0)
+    base = dict(names_file=names_file, index_dir=tmp_path / "idx", model=tiny_spec, templates=TWO_TEMPLATES,
+                batch_size=64)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(BuildConfig(**base, index_kind="IVF4,Flat"), model=CountingModel(tiny_model, stop_after=2))
+    counting = CountingModel(tiny_model)
+    build_index(BuildConfig(**base, index_kind="flat"), model=counting)  # another kind: another build
+    assert counting.prompts == 600
+    assert not any(p.name.startswith(".build-") for p in (tmp_path / "idx").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["IVF8,Flat", "IVF8,SQ8", "HNSW16,Flat", "SQ8"])
+def test_approximate_kinds_give_the_exact_decisions(kind, tiny_model, tiny_spec, many_names, world, tmp_path):
+    names_file, names = many_names
+    names_file = tmp_path / "names.txt"  # the world's people must be candidates
+    names_file.write_text("\n".join(dict.fromkeys(world["people"] + names)) + "\n", encoding="utf-8")
+    reports = {}
+    for k in ("flat", kind):
+        build_index(BuildConfig(names_file=names_file, index_dir=tmp_path / k, model=tiny_spec, index_kind=k),
+                    model=tiny_model)
+        result = run_query(QueryConfig(index_dir=tmp_path / k, faces_dir=world["faces"], out_dir=tmp_path / f"r-{k}",
+                                       store_dir=tmp_path / "store"), model=tiny_model)
+        reports[k] = result
+    exact, approx = load_predictions(tmp_path / "r-flat"), load_predictions(tmp_path / f"r-{kind}")
+    assert np.array_equal(exact.topk_ids[:, :, 0], approx.topk_ids[:, :, 0])
+    # Re-ranked scores are float64 dot products rounded to float32; faiss flat sums in float32.
+    np.testing.assert_allclose(exact.topk_scores[:, :, 0], approx.topk_scores[:, :, 0], atol=1e-6)
+    assert (tmp_path / "r-flat" / "persons.csv").read_text() == (tmp_path / f"r-{kind}" / "persons.csv").read_text()
+    search = reports[kind].summary["search"]
+    assert search["index_kind"] == f"faiss:{kind}"
+    assert search["certified"] + search["fell_back"] == search["predictions"] > 0
+    assert search["exact_decisions"] is True
+    assert reports["flat"].summary["search"]["exact_by_index"] == reports["flat"].summary["search"]["predictions"]
+
+
+def test_without_fallback_uncertified_answers_are_counted(tiny_model, tiny_spec, world, tmp_path):
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(dict.fromkeys(world["people"] + tiny_names(300, seed=3))) + "\n",
+                          encoding="utf-8")
+    build_index(BuildConfig(names_file=names_file, index_dir=tmp_path / "idx", model=tiny_spec,
+                            index_kind="HNSW16,Flat"), model=tiny_model)
+    result = run_query(QueryConfig(index_dir=tmp_path / "idx", faces_dir=world["faces"], out_dir=tmp_path / "r",
+                                   exact_fallback=False, search_params={"efSearch": 16}), model=tiny_model)
+    search = result.summary["search"]
+    # HNSW has no certificate: every prediction is a re-ranked approximate answer, and the summary says so.
+    assert search["fell_back"] == 0 and search["uncertified_kept"] == search["predictions"]
+    assert search["exact_decisions"] is False and search["search_params"] == {"efSearch": 16}
+
+
+def test_auto_picks_flat_for_a_small_label_space(tiny_model, tiny_spec, many_names, tmp_path):
+    names_file, _ = many_names
+    manifest = build_index(BuildConfig(names_file=names_file, index_dir=tmp_path / "idx", model=tiny_spec,
+                                       templates=TWO_TEMPLATES), model=tiny_model)
+    assert manifest.index_kind == "flat" and "fits" in manifest.encode["index_choice"]
+    assert not any(p.name.startswith("vectors_") for p in open_index(tmp_path / "idx").data_dir.iterdir())
+
+
+def test_an_index_too_small_to_train_is_a_clear_error(tiny_spec, tmp_path):
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(tiny_names(10)) + "\n", encoding="utf-8")
+    model = load_model(tiny_spec, "cpu", "fp32")
+    with pytest.raises(Exception) as e:
+        build_index(BuildConfig(names_file=names_file, index_dir=tmp_path / "idx", model=tiny_spec,
+                                templates=TWO_TEMPLATES, index_kind="IVF64,Flat"), model=model)
+    assert "needs at least 64 names" in str(e.value)
