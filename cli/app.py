@@ -320,6 +320,50 @@ def _mean_std(stat: dict) -> str:
     return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
 
 
+@app.command("bench")
+def bench_cmd(
+    size: Annotated[list[int] | None, typer.Option("--size", help="Label-space size N (repeatable; default "
+                                                      "1e3, 1e4, 1e5).")] = None,
+    dim: Annotated[int | None, typer.Option("--dim", help="Embedding dimension (default 512; 64 with "
+                                               "--quick).")] = None,
+    persons: Annotated[int | None, typer.Option("--persons", help="Persons per size (30 images each).")] = None,
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma-separated methods (default all).")
+                       ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default "
+                                                    "benchmarks/results/<timestamp-host>).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (GPU methods).")] = "auto",
+    quick: Annotated[bool, typer.Option("--quick", help="A tiny run (seconds), for tests.")] = False,
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Benchmark search methods (throughput, agreement with exact decisions) on synthetic label spaces."""
+    import dataclasses
+
+    from idia_engine.benchmarks import run as bench
+    from idia_engine.engine.errors import InputError
+    from rich.markdown import Markdown
+
+    _setup_logging(verbose)
+    with _errors_to_exit():
+        config = bench.BenchConfig(**bench.QUICK) if quick else bench.BenchConfig()
+        changes: dict = {"out": out_dir or bench.default_out(), "device": device}
+        if size:
+            changes["sizes"] = tuple(size)
+        if dim is not None:
+            changes["dim"] = dim
+        if persons is not None:
+            if persons < 1:
+                raise InputError(f"--persons must be >= 1, got {persons}")
+            changes["persons"] = changes["persons_large"] = persons
+        if methods:
+            changes["methods"] = tuple(m.strip() for m in methods.split(",") if m.strip())
+        config = dataclasses.replace(config, **changes)
+        with _progress_bars(not quiet) as progress:
+            result = bench.run_bench(config, progress=progress)
+    out.print(Markdown(bench.markdown_table(result)))
+    out.print(f"results: {config.out}")
+
+
 @app.command("names")
 def names_cmd(
     count: Annotated[int, typer.Option("--count", "-n", help="How many made-up names to write (>= 1).")],

@@ -3,7 +3,9 @@
 Pipeline, one module per stage:
     names.py, templates.py   candidate names and prompt templates (inputs of build-index)
     model.py                 open_clip model loading, fingerprints, text and image encoding
-    name_index.py            build_index / open_index: the per-template name index on disk
+    text_encoder.py          the fast text path: prompts run only up to their pooled token, no padding
+    name_index.py            build_index / open_index: the per-template name index on disk (streaming,
+                             resumable); approximate kinds keep raw vectors for exact re-ranking
     images.py                finding and decoding each person's photos (inputs of query)
     store.py                 the LMDB image-embedding store
     query.py                 run_query: embed, search, decide, report

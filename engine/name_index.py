@@ -69,6 +69,8 @@ NAMES_FILE = "names.txt"
 DEFAULT_STORE_NAME = "image-store"
 BUILD_PREFIX = ".build-"  # an unfinished, resumable build
 PROGRESS_FILE = "progress.json"
+ENSEMBLE_KIND = "ensemble"  # not a per-template backend: one search over name means, exact re-rank per template
+ENSEMBLE_DIR = "ensemble"
 
 @dataclass(frozen=True)
 class IndexManifest:
@@ -165,6 +167,8 @@ def resolve_index_kind(kind: str, num_names: int, num_templates: int, dim: int, 
     from idia_engine.indexes import backend_kinds, choose_index
 
     kind = kind.strip()
+    if kind == ENSEMBLE_KIND:
+        return ENSEMBLE_KIND, {}, "asked for (template-ensemble prefilter over the names' mean embeddings)"
     if kind == "auto":
         choice = choose_index(num_names, num_templates, dim, memory_budget_bytes, device)
         if choice.factory == "Flat" and not choice.gpu_float16:
@@ -275,7 +279,9 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
     _check_index_dir_writable(index_dir, config.overwrite)
     if config.index_kind != "auto":  # fail fast on a bad --index, before any model is loaded
         try:
-            get_backend(resolve_index_kind(config.index_kind, 1, 1, 1, "cpu", 1)[0])
+            kind = resolve_index_kind(config.index_kind, 1, 1, 1, "cpu", 1)[0]
+            if kind != ENSEMBLE_KIND:
+                get_backend(kind)
         except IdiaError as e:
             raise InputError(f"--index {config.index_kind!r} is neither auto, flat, dense nor a valid faiss factory "
                              f"string such as IVF4096,SQ8 or HNSW32,Flat ({e})") from None
@@ -290,7 +296,7 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
     templates = list(config.templates)
     kind, search_params, reason = resolve_index_kind(config.index_kind, len(names), len(templates), dim,
                                                      "cuda" if use_gpu else "cpu", config.memory_budget_bytes)
-    backend_cls = get_backend(kind)
+    backend_cls = None if kind == ENSEMBLE_KIND else get_backend(kind)
     exact_kind = bool(getattr(backend_cls, "exact_search", False))
     log.info("index kind %s: %s", kind, reason)
 
@@ -323,8 +329,9 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
             continue
         _encode_template(model, template, names, t, build_dir, state, config.batch_size, dim, on_rows)
         t1 = time.perf_counter()
-        out_path = build_dir / template_file(t, backend_cls.file_suffix)
-        _fill_index(backend_cls, build_dir / vectors_file(t), dim, use_gpu, search_params, out_path)
+        if backend_cls is not None:
+            out_path = build_dir / template_file(t, backend_cls.file_suffix)
+            _fill_index(backend_cls, build_dir / vectors_file(t), dim, use_gpu, search_params, out_path)
         if exact_kind:  # exact indexes answer from their own rows; the raw copy is not needed
             (build_dir / vectors_file(t)).unlink()
         state["indexed"][t] = True
@@ -332,9 +339,19 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
         t_index += time.perf_counter() - t1
         progress("index templates", t + 1, len(templates))
 
+    if backend_cls is None and not (build_dir / ENSEMBLE_DIR).is_dir():
+        from idia_engine.indexes.ensemble import TemplateEnsemble
+
+        t1 = time.perf_counter()
+        sources = [np.load(build_dir / vectors_file(t), mmap_mode="r") for t in range(len(templates))]
+        TemplateEnsemble.build(sources, len(names), len(templates), dim, progress=progress).save(
+            build_dir / ENSEMBLE_DIR)
+        del sources
+        t_index += time.perf_counter() - t1
     (build_dir / PROGRESS_FILE).unlink()
-    files = {p.name: p.stat().st_size for p in sorted(build_dir.iterdir())}
-    for p in build_dir.iterdir():  # data on disk before the manifest points at it
+    data_files = sorted(p for p in build_dir.rglob("*") if p.is_file())
+    files = {p.relative_to(build_dir).as_posix(): p.stat().st_size for p in data_files}
+    for p in data_files:  # data on disk before the manifest points at it
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
@@ -353,7 +370,7 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
         metric="inner_product",
         normalized=True,
         templates=templates,
-        index_kind=backend_cls.kind,
+        index_kind=backend_cls.kind if backend_cls is not None else ENSEMBLE_KIND,
         search_params=search_params,
         num_names=len(names),
         num_templates=len(templates),
@@ -414,7 +431,15 @@ class NameIndex:
     @property
     def exact(self) -> bool:
         """True when the index kind answers exactly by itself (flat, dense): no re-ranking needed."""
+        if self.manifest.index_kind == ENSEMBLE_KIND:
+            return False
         return bool(getattr(get_backend(self.manifest.index_kind), "exact_search", False))
+
+    def ensemble(self):
+        """The template ensemble (index kind "ensemble"): name means, template offsets and radii."""
+        from idia_engine.indexes.ensemble import TemplateEnsemble
+
+        return TemplateEnsemble.load(self.data_dir / ENSEMBLE_DIR)
 
     def vectors(self, t: int) -> np.ndarray:
         """The raw float32 embeddings [N, D] of template t, memory-mapped (approximate kinds only)."""

@@ -16,32 +16,56 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-
 from idia_engine.indexes import Exactness, search_exact, sort_topk
 
 from .atomic import staged_directory
 from .attack import PaperModeVotes, paper_mode_votes
 from .errors import InputError
-from .images import (ImageCollection, ImageDataset, Skipped, collate_images, collect_from_csv,
-                     collect_from_folder, hash_images)
+from .images import (
+    ImageCollection,
+    ImageDataset,
+    Skipped,
+    collate_images,
+    collect_from_csv,
+    collect_from_folder,
+    hash_images,
+)
 from .labels import read_labels
 from .metrics import confusion_metrics
 from .model import DeviceChoice, LoadedModel, Precision, load_model
-from .name_index import DEFAULT_STORE_NAME, NameIndex, encode_name_prompts, open_index
+from .name_index import (
+    DEFAULT_STORE_NAME,
+    ENSEMBLE_KIND,
+    NameIndex,
+    encode_name_prompts,
+    open_index,
+)
 from .progress import Progress, no_progress
-from .report import (FILE_DESCRIPTIONS, PREDICTIONS, REPORT_ARTIFACT, REPORT_SCHEMA_VERSION, check_report_dir,
-                     write_images_csv, write_modes, write_persons, write_summary)
+from .report import (
+    FILE_DESCRIPTIONS,
+    PREDICTIONS,
+    REPORT_ARTIFACT,
+    REPORT_SCHEMA_VERSION,
+    check_report_dir,
+    write_images_csv,
+    write_modes,
+    write_persons,
+    write_summary,
+)
 from .store import EmbeddingStore
 from .versions import library_versions, utc_now
 
 log = logging.getLogger(__name__)
+
+
+ENSEMBLE_CANDIDATES = 256  # names kept by the ensemble prefilter per image (--search-param candidates=K)
 
 
 @dataclass(frozen=True)
@@ -256,6 +280,11 @@ def _search(index: NameIndex, store: EmbeddingStore, ns, shas: list[str], extra_
     stats = {"index_kind": index.manifest.index_kind, "search_params": params, "predictions": total,
              "exact_by_index": total if exact_kind else 0, "certified": 0, "fell_back": 0, "uncertified_kept": 0}
     progress("search", 0, total)
+    if index.manifest.index_kind == ENSEMBLE_KIND:
+        _search_ensemble(index, store, ns, shas, extra_emb, k, chunk, ids_out, scores_out, progress, params,
+                         fallback, stats)
+        stats["exact_decisions"] = stats["uncertified_kept"] == 0
+        return stats
     done = 0
     for t in range(n_templates):
         backend = index.load_template(t, use_gpu=use_gpu)
@@ -269,13 +298,7 @@ def _search(index: NameIndex, store: EmbeddingStore, ns, shas: list[str], extra_
                 stats["certified"] += int(res.certified.sum())
                 stats["fell_back"] += int(res.fell_back.sum())
                 stats["uncertified_kept"] += int((~res.certified & ~res.fell_back).sum())
-            if extra_emb is not None:
-                # Names added for this run are scored exactly and merged into the top-k.
-                extra_scores = queries @ extra_emb[t].T
-                extra_ids = np.broadcast_to(np.arange(len(index.names), len(index.names) + extra_emb.shape[1]),
-                                            extra_scores.shape)
-                scores, ids = sort_topk(np.concatenate([scores, extra_scores], 1), np.concatenate([ids, extra_ids], 1))
-                scores, ids = scores[:, :k], ids[:, :k]
+            scores, ids = _merge_extra(index, t, queries, scores, ids, extra_emb, k)
             ids_out[start:start + len(queries), t] = ids
             scores_out[start:start + len(queries), t] = scores
             done += len(queries)
@@ -283,6 +306,39 @@ def _search(index: NameIndex, store: EmbeddingStore, ns, shas: list[str], extra_
         del backend, vectors
     stats["exact_decisions"] = stats["uncertified_kept"] == 0
     return stats
+
+
+def _merge_extra(index: NameIndex, t: int, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                 extra_emb: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Names added for this run are scored exactly and merged into the top-k."""
+    if extra_emb is None:
+        return scores, ids
+    extra_scores = queries @ extra_emb[t].T
+    extra_ids = np.broadcast_to(np.arange(len(index.names), len(index.names) + extra_emb.shape[1]),
+                                extra_scores.shape)
+    scores, ids = sort_topk(np.concatenate([scores, extra_scores], 1), np.concatenate([ids, extra_ids], 1))
+    return scores[:, :k], ids[:, :k]
+
+
+def _search_ensemble(index: NameIndex, store: EmbeddingStore, ns, shas: list[str], extra_emb, k: int, chunk: int,
+                     ids_out: np.ndarray, scores_out: np.ndarray, progress: Progress, params: dict, fallback: bool,
+                     stats: dict) -> None:
+    """The template-ensemble prefilter: one search over the names' means per image, exact re-rank per template."""
+    ensemble = index.ensemble()
+    sources = [index.vectors(t) for t in range(len(index.templates))]
+    candidates = int(params.get("candidates", ENSEMBLE_CANDIDATES))
+    done = 0
+    for start, queries in store.iter_embeddings(ns, shas, chunk):
+        res = ensemble.search(queries, sources, k, candidates=candidates, fallback=fallback)
+        stats["certified"] += int(res.certified.sum())
+        stats["fell_back"] += int(res.fell_back.sum())
+        stats["uncertified_kept"] += int((~res.certified & ~res.fell_back).sum())
+        for t in range(len(index.templates)):
+            scores, ids = _merge_extra(index, t, queries, res.scores[:, t], res.ids[:, t], extra_emb, k)
+            ids_out[start:start + len(queries), t] = ids
+            scores_out[start:start + len(queries), t] = scores
+        done += len(queries) * len(index.templates)
+        progress("search", done, len(shas) * len(index.templates))
 
 
 def _metrics(persons: list[str], votes: PaperModeVotes, decisions: np.ndarray, labels: dict[str, bool] | None):

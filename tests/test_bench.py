@@ -1,0 +1,88 @@
+"""The benchmark package: the synthetic generator's structure and a `--quick` run of `idia-engine bench`."""
+
+from __future__ import annotations
+
+import json
+
+import idia_engine.engine  # noqa: F401 - the engine package first (it imports indexes while initialising)
+import numpy as np
+import pytest
+from idia_engine.benchmarks.synthetic import BLOCK_ROWS, SyntheticConfig, SyntheticNames
+from idia_engine.cli.app import app
+from typer.testing import CliRunner
+
+CFG = SyntheticConfig(num_names=3 * BLOCK_ROWS + 17, dim=64, num_templates=4, seed=5, first_pool=40,
+                      last_pool=300)
+
+
+@pytest.fixture(scope="module")
+def gen() -> SyntheticNames:
+    return SyntheticNames(CFG)
+
+
+def test_deterministic_per_seed(gen):
+    again = SyntheticNames(CFG)
+    np.testing.assert_array_equal(gen.template(2), again.template(2))
+    other = SyntheticNames(SyntheticConfig(**{**CFG.to_json(), "seed": 6}))
+    assert not np.allclose(gen.template(2), other.template(2))
+    q1, _, t1 = gen.queries(5, 4)
+    q2, _, t2 = again.queries(5, 4)
+    np.testing.assert_array_equal(q1, q2)
+    np.testing.assert_array_equal(t1, t2)
+
+
+def test_random_access_equals_block_generation(gen):
+    full = gen.template(1)
+    ids = np.array([700, 3, 3 * BLOCK_ROWS + 16, 255, 256, 0], np.int64)
+    np.testing.assert_array_equal(gen.rows(1, ids), full[ids])
+    np.testing.assert_array_equal(gen.template(1, 100, 600), full[100:600])
+    np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
+
+
+def test_queries_sit_at_clip_like_cosine(gen):
+    q, person, true = gen.queries(20, 6)
+    assert q.shape == (120, CFG.dim) and np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
+    cos = np.stack([(q * gen.rows(t, true[person])).sum(1) for t in range(CFG.num_templates)])
+    assert 0.18 < cos.mean() < 0.37 and cos.min() > 0.1 and cos.max() < 0.45
+
+
+def test_names_sharing_a_first_name_are_closer(gen):
+    x = gen.template(0).astype(np.float64)
+    s = x @ x.T
+    same_first = gen.first_ids[:, None] == gen.first_ids[None, :]
+    same_last = gen.last_ids[:, None] == gen.last_ids[None, :]
+    off = ~np.eye(len(x), dtype=bool)
+    unrelated = off & ~same_first & ~same_last
+    assert s[off & same_first & ~same_last].mean() > s[unrelated].mean() + 0.1
+    assert s[off & same_last & ~same_first].mean() > s[unrelated].mean() + 0.1
+    # a name's templates are closer to each other than to any other name, on average
+    same_name = (x * gen.template(3)).sum(1).mean()
+    assert same_name > np.where(off, s, -1).max(1).mean()
+
+
+def test_quick_bench_cli_writes_every_artifact(tmp_path):
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, ["bench", "--quick", "--out", str(out), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert str(out) in res.output.replace("\n", "")
+    data = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().startswith("| names |")
+    assert (out / "throughput.png").stat().st_size > 1000
+    assert data["machine"]["cores"] and data["versions"]
+    (size,) = data["sizes"]
+    assert {"dense", "flat", "ensemble", "ensemble-exact"} <= set(size["methods"])
+    assert "flat-gpu" in size["skipped"] or "flat-gpu" in size["methods"]
+    for m, r in size["methods"].items():
+        for key in ("qps", "ratio_to_dense", "top1_agreement", "recall_at_1", "decision_agreement",
+                    "score_agreement", "build_s", "index_bytes"):
+            assert r[key] is not None, (m, key)
+    assert size["methods"]["flat"]["decision_agreement"] == 1.0
+    assert size["methods"]["ensemble-exact"]["top1_agreement"] == 1.0
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--quick", "--methods", "nope", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "unknown method" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["bench", "--quick", "--size", "3", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--size" in res.output
