@@ -53,6 +53,7 @@ from .report import (
     Predictions,
     load_predictions,
 )
+from .textfiles import read_artifact_json
 from .versions import library_versions, utc_now
 
 log = logging.getLogger(__name__)
@@ -119,19 +120,8 @@ def open_report(report_dir: Path) -> tuple[dict, Predictions]:
     hint = "give the output folder of `idia-engine query`"
     if not report_dir.is_dir():
         raise ArtifactError(f"report {report_dir} is not a directory; {hint}")
-    summary_path = report_dir / SUMMARY
-    if not summary_path.is_file():
-        raise ArtifactError(f"{report_dir} holds no {SUMMARY}, so it is not an idia-engine report; {hint}")
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{summary_path} is not valid JSON ({str(e).splitlines()[0]}); {hint}") from None
-    if not isinstance(summary, dict) or summary.get("artifact") != REPORT_ARTIFACT:
-        raise ArtifactError(f"{summary_path} does not describe an idia-engine report "
-                            f"(artifact {summary.get('artifact') if isinstance(summary, dict) else None!r}); {hint}")
-    if summary.get("schema_version") != REPORT_SCHEMA_VERSION:
-        raise ArtifactError(f"{summary_path} has report schema version {summary.get('schema_version')!r}; "
-                            f"this engine reads version {REPORT_SCHEMA_VERSION}; run `query` again")
+    summary = read_artifact_json(report_dir / SUMMARY, REPORT_ARTIFACT, REPORT_SCHEMA_VERSION,
+                                 f"run `query` again or {hint}")
     for name in ("topk_ids.npy", "images.csv", "candidates.txt"):
         if not (report_dir / PREDICTIONS / name).is_file():
             raise ArtifactError(f"report {report_dir} lacks {PREDICTIONS}/{name}; run `query` again")

@@ -58,6 +58,7 @@ from .model import (
 from .names import read_names
 from .progress import Progress, no_progress
 from .templates import PAPER_TEMPLATES, render
+from .textfiles import read_artifact_json
 from .versions import library_versions, utc_now
 
 log = logging.getLogger(__name__)
@@ -470,7 +471,6 @@ def _manifest_from_json(obj: dict[str, Any], path: Path) -> IndexManifest:
 
 def open_index(index_dir: Path) -> NameIndex:
     """Open and verify an index directory (manifest, schema, files, name table)."""
-    import json
 
     root = Path(index_dir)
     path = root / MANIFEST_NAME
@@ -478,18 +478,7 @@ def open_index(index_dir: Path) -> NameIndex:
         raise InputError(f"index dir {root} does not exist; build one with `idia-engine build-index NAMES.txt`")
     if not path.is_file():
         raise ArtifactError(f"index dir {root} holds no {MANIFEST_NAME}; it is not an index (or its build never finished)")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild the index") from None
-    if not isinstance(obj, dict) or obj.get("artifact") != INDEX_ARTIFACT:
-        raise ArtifactError(f"{path} is not an idia-engine name index manifest")
-    version = obj.get("schema_version")
-    if version != INDEX_SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{path} has schema version {version}; this idia-engine reads version {INDEX_SCHEMA_VERSION} "
-            "(upgrade idia-engine or rebuild the index)"
-        )
+    obj = read_artifact_json(path, INDEX_ARTIFACT, INDEX_SCHEMA_VERSION, "upgrade idia-engine or rebuild the index")
     manifest = _manifest_from_json(obj, path)
     data = root / manifest.data_dir
     for name, size in manifest.files.items():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from .errors import InputError
+from .errors import ArtifactError, InputError
 
 
 def decode_utf8(data: bytes, path: Path, what: str) -> str:
@@ -35,3 +35,24 @@ def iter_csv_rows(path: Path, required: tuple[str, ...], what: str) -> Iterator[
     reader.fieldnames = header
     for row in reader:
         yield reader.line_num, row
+
+
+def read_artifact_json(path: Path, artifact: str, schema_version: int, hint: str) -> dict:
+    """The JSON manifest of one of our artifacts (index, report, ...), checked for kind and schema version.
+
+    Every failure is an ArtifactError naming the file and ending with `hint` (what to do about it)."""
+    import json
+
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; {hint}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {hint}") from None
+    found = obj.get("artifact") if isinstance(obj, dict) else None
+    if found != artifact:
+        raise ArtifactError(f"{path} is not an {artifact} manifest (artifact {found!r}); {hint}")
+    if obj.get("schema_version") != schema_version:
+        raise ArtifactError(f"{path} has schema version {obj.get('schema_version')!r}; this idia-engine reads "
+                            f"version {schema_version}; {hint}")
+    return obj
