@@ -146,3 +146,29 @@ def test_bad_inputs(clip_like):
         ens.search(clip_like["q"], clip_like["views"], candidates=0)
     with pytest.raises(VectorFormatError):
         ens.search(clip_like["q"], [v.astype(np.float64) for v in clip_like["views"]])
+
+
+def test_float32_screen_then_float64_refine_equals_a_float64_rerank():
+    """Stage 2 screens in float32; near-ties within float32 error must still come out as float64 ranks them."""
+    from idia_engine.indexes.base import sort_topk
+    from idia_engine.indexes.ensemble import _rerank
+
+    rng = np.random.default_rng(7)
+    d, u, nq, kc = 64, 400, 50, 120
+    base = rng.standard_normal((20, d))
+    # 400 rows in 20 clusters of near-duplicates (differences ~1e-7): float32 cannot order them reliably.
+    rows = base[np.arange(u) % 20] + 1e-7 * rng.standard_normal((u, d))
+    rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    q = rng.standard_normal((nq, d))
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    inv = np.stack([rng.choice(u, kc, replace=False) for _ in range(nq)])
+    cid = inv.astype(np.int64) * 3  # candidate ids need not equal row positions
+    valid = np.ones_like(inv, bool)
+    valid[:, -5:] = False
+    for k in (1, 5):
+        ss, si = _rerank(rows, inv, valid, cid, q, q.astype(np.float64),
+                         np.linalg.norm(q.astype(np.float64), axis=1), k, qstep=16)
+        full = np.einsum("qkd,qd->qk", rows[inv].astype(np.float64), q.astype(np.float64)).astype(np.float32)
+        full[~valid] = -np.inf
+        ref_s, ref_i = sort_topk(full, np.where(valid, cid, -1))
+        assert np.array_equal(si[:, :k], ref_i[:, :k]) and np.array_equal(ss[:, :k], ref_s[:, :k])
