@@ -333,6 +333,8 @@ def bench_cmd(
                                                     "benchmarks/results/<timestamp-host>).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (GPU methods).")] = "auto",
     quick: Annotated[bool, typer.Option("--quick", help="A tiny run (seconds), for tests.")] = False,
+    candidates: Annotated[int | None, typer.Option("--candidates", help="K' of the ensemble prefilter "
+                                                       "(default 256).")] = None,
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -355,6 +357,10 @@ def bench_cmd(
             if persons < 1:
                 raise InputError(f"--persons must be >= 1, got {persons}")
             changes["persons"] = changes["persons_large"] = persons
+        if candidates is not None:
+            if candidates < 1:
+                raise InputError(f"--candidates must be >= 1, got {candidates}")
+            changes["candidates"] = candidates
         if methods:
             changes["methods"] = tuple(m.strip() for m in methods.split(",") if m.strip())
         config = dataclasses.replace(config, **changes)
