@@ -306,10 +306,10 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
     key = _build_key(names_sha, templates, model, kind, config.batch_size)
     index_dir.mkdir(parents=True, exist_ok=True)
     build_dir = index_dir / f"{BUILD_PREFIX}{key}"
-    resumed = build_dir.is_dir()
     build_dir.mkdir(exist_ok=True)
     state = _read_progress(build_dir, key, len(templates))
-    if resumed and any(state["rows"]):
+    resumed = any(state["rows"])  # committed rows of an earlier, interrupted run of this same build
+    if resumed:
         log.info("resuming the unfinished build in %s (%d of %d prompts on disk)", build_dir,
                  sum(state["rows"]), len(templates) * len(names))
     if not (build_dir / NAMES_FILE).is_file():

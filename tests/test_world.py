@@ -14,12 +14,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from idia_engine.cli.app import app
 from idia_engine.engine.demo import SMALL_DEMO
+from idia_engine.engine.templates import PAPER_TEMPLATES
 from idia_engine.engine.training import TrainConfig, train_clip_on_world
-from idia_engine.engine.world import TRAINING_CAPTIONS, WorldConfig, make_world, shape_caption
+from idia_engine.engine.world import (
+    TRAINING_CAPTIONS,
+    WorldConfig,
+    make_world,
+    shape_caption,
+)
+from typer.testing import CliRunner
 
 SMALL_WORLD: WorldConfig = SMALL_DEMO["world"]
 
@@ -71,8 +76,10 @@ def test_membership_and_occurrences_are_what_the_captions_say():
     noise = [p for p in world.training_pairs if p.identity is None]
     assert len(noise) == SMALL_WORLD.noise_pairs
     assert all(re.fullmatch(r"a \w+ [\w ]+ on a \w+ background", p.caption) for p in noise)
-    assert {c.split()[0] for c in (shape_caption(np.random.default_rng(i)) for i in range(50))} == {"a"}
-    assert len({t for t in TRAINING_CAPTIONS}) == len(TRAINING_CAPTIONS)
+    # Shape captions vary (colours and shapes), and training captions mix some attack templates with
+    # captions the attack never uses, as the module docstring says.
+    assert len({shape_caption(np.random.default_rng(i)) for i in range(50)}) > 25
+    assert 0 < len(set(TRAINING_CAPTIONS) & set(PAPER_TEMPLATES)) < len(TRAINING_CAPTIONS)
 
 
 def test_heldout_photos_are_never_training_photos():
