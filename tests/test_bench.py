@@ -39,6 +39,16 @@ def test_random_access_equals_block_generation(gen):
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
 
 
+def test_threaded_template_equals_row_by_row_generation(monkeypatch):
+    from idia_engine.benchmarks import synthetic
+    monkeypatch.setattr(synthetic, "THREAD_CHUNK_ROWS", 100)  # 8 chunks, the last one short
+    fresh = SyntheticNames(CFG)
+    for t in (0, 3, 0):  # the second call of a template reuses the cached template-free part
+        threaded = fresh.template(t, threads=3)
+        np.testing.assert_array_equal(threaded, fresh.rows(t, np.arange(CFG.num_names)))
+    np.testing.assert_array_equal(fresh.template(2, 50, 420, threads=4), fresh.rows(2, slice(50, 420)))
+
+
 def test_queries_sit_at_clip_like_cosine(gen):
     q, person, true = gen.queries(20, 6)
     assert q.shape == (120, CFG.dim) and np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
