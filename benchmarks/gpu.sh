@@ -16,34 +16,34 @@ mkdir -p "$DEST"
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1
+# A step that runs out of time gets SIGABRT first, and faulthandler prints where every thread was.
+export PYTHONFAULTHANDLER=1
 STEPS="$DEST/steps.tsv"
 printf 'step\texit\tseconds\n' > "$STEPS"
 
 step() {  # step NAME TIMEOUT_S CMD...
     local name=$1 limit=$2; shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi  # ONLY="step step ..." runs those
     local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" > "$DEST/$name.log" 2>&1
+    timeout -s ABRT --kill-after=10 "$limit" "$@" > "$DEST/$name.log" 2>&1
     local rc=$?
     printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >> "$STEPS"
     echo "[$name] exit $rc after $((SECONDS - start)) s"
 }
 
-install_wheels() {
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-        --target /tmp/site .
-}
 if ls .whl/*.whl > /dev/null 2>&1; then
-    step install 60 install_wheels
+    step install 60 bash -c "'$PY' -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl && '$PY' -m pip install -q --no-index --no-deps \
+        --no-build-isolation --no-compile --target /tmp/site ."
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 step versions 30 "$PY" -c "import torch, faiss, open_clip, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'); print('faiss', faiss.__version__, 'GPUs seen by faiss', faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0); print('open_clip', open_clip.__version__, 'numpy', numpy.__version__)"
 step nvidia-smi 10 nvidia-smi
 step gpu-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$DEST/gpu-tests.xml"
-step bench-1e5 90 "$PY" -m idia_engine.cli.app bench --device cuda --size 100000 --persons 10 \
+step bench-1e5 150 "$PY" -m idia_engine.cli.app bench --device cuda --size 100000 --persons 10 \
     --methods dense,flat,ensemble,dense-gpu,flat-gpu --out "$DEST/bench-1e5" --quiet
-step bench-1e6 200 "$PY" -m idia_engine.cli.app bench --device cuda --size 1000000 --persons 10 \
-    --methods dense,flat,ensemble,dense-gpu,flat-gpu --out "$DEST/bench-1e6" --quiet
+step bench-1e6 180 "$PY" -m idia_engine.cli.app bench --device cuda --size 1000000 --persons 10 \
+    --methods dense,flat,dense-gpu,flat-gpu --out "$DEST/bench-1e6" --quiet
 step text-encoder 60 "$PY" - <<'PYEOF'
 import json, os
 from idia_engine.benchmarks.run import text_encoder_bench
