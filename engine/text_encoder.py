@@ -220,12 +220,13 @@ class TextEncoder:
     """
 
     def __init__(self, model: nn.Module, *, allow_fast: bool = True,
+                 disabled_because: str = "the fast path was disabled",
                  max_batch_prompts: int = DEFAULT_MAX_BATCH_PROMPTS,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         self.model = model
         self.max_batch_prompts = max_batch_prompts
         self.max_batch_tokens = max_batch_tokens
-        tower, why = _inspect(model) if allow_fast else (None, "the fast path was disabled")
+        tower, why = _inspect(model) if allow_fast else (None, disabled_because)
         self._tower = tower
         self.path = TextPath.FAST if tower is not None else TextPath.STOCK
         self.reason = why
