@@ -340,8 +340,8 @@ class LoadedModel:
         self.precision = precision
         # Trimmed, shared-prefix text forward pass where it provably equals model.encode_text (see
         # text_encoder.py); open_clip's own encode_text otherwise. Logs which, once.
-        # On CUDA under fp16/bf16 autocast the stock pass was measured 4x faster than the fast one
-        # (benchmarks/results/gpu-h200-2026-11-28: ~21,000 vs ~5,000 prompts/s), so it is used there.
+        # On CUDA under fp16/bf16 autocast the stock pass was measured 3-4x faster than the fast one
+        # (benchmarks/results/gpu-h200-2026-11-28: 15,000-21,000 vs ~5,000 prompts/s), so it is used there.
         half_on_gpu = device.type == "cuda" and precision.autocast_dtype is not None
         self.text_encoder = TextEncoder(model, allow_fast=not half_on_gpu,
                                         disabled_because="fp16/bf16 on CUDA: the stock pass is faster there")
