@@ -187,17 +187,17 @@ def query_cmd(
                              search_params=_search_params(search_param), exact_fallback=not no_fallback)
         with _progress_bars(not quiet) as progress:
             result = run_query(config, progress)
-    _print_query_summary(result.summary, out_dir)
+    _print_query_summary(result.summary, result.run, out_dir)
 
 
 def _fmt(x) -> str:
     return "n/a" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
 
-def _print_query_summary(summary: dict, out_dir: Path) -> None:
+def _print_query_summary(summary: dict, run: dict, out_dir: Path) -> None:
     c = summary["counts"]
-    out.print(f"{c['persons']} persons, {c['images_used']} images used ({c['images_encoded']} encoded, "
-              f"{c['images_from_cache']} from cache, {c['images_skipped']} skipped), "
+    out.print(f"{c['persons']} persons, {c['images_used']} images used ({run['images_encoded']} encoded, "
+              f"{run['images_from_cache']} from cache, {c['images_skipped']} skipped), "
               f"{c['candidates']} candidate names; tau = {summary['parameters']['tau']}", highlight=False)
     out.print(f"decided member: {c['decided_member']}   non-member: {c['decided_non_member']}", highlight=False)
     if c["candidates_added_for_this_run"]:

@@ -2,11 +2,18 @@
 
 Files are written to a temporary sibling, flushed to disk, then moved into place with `os.replace`
 (atomic on POSIX within one filesystem). Directories are built under a temporary sibling name and
-swapped in the same way.
+swapped in: with Linux's renameat2(RENAME_EXCHANGE) the old and new directory trade places in one step,
+so the final path always exists; elsewhere the old one is moved aside first, leaving a moment without it.
+
+A process killed while staging (kill -9) leaves its temporary directory behind. Each staging process
+holds a lock on a sibling `<tmp>.lock` file (released by the kernel when it dies), and the next staging of
+the same target removes every temporary sibling whose lock nobody holds.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -14,6 +21,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from .locks import exclusive_lock, try_exclusive
 
 TMP_MARK = ".tmp-"
 
@@ -54,29 +63,68 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):  # filesystem or kernel without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Delete temporary siblings of `final` left by stagings that died (their lock is free) or by old versions."""
+    for p in final.parent.glob(f".{final.name}{TMP_MARK}*"):
+        if p.suffix == ".lock" or not p.is_dir():
+            continue
+        fd = try_exclusive(p.with_name(p.name + ".lock"))
+        if fd is None:
+            continue  # a live staging
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+            p.with_name(p.name + ".lock").unlink(missing_ok=True)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    for p in final.parent.glob(f".{final.name}.old-*"):  # the moved-aside old copy of a two-step swap
+        shutil.rmtree(p, ignore_errors=True)
+
+
 @contextmanager
 def staged_directory(final: Path, *, replace_existing: bool) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `final`; on success swap it in as `final`.
 
     If the body raises, the temporary directory is removed and `final` is untouched. With
-    `replace_existing`, an existing `final` is replaced (it is moved aside first, then deleted).
+    `replace_existing`, an existing `final` is replaced (exchanged atomically where the OS can, else moved
+    aside first), and the old content deleted.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(final)
     tmp = final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            if not replace_existing:
-                raise FileExistsError(final)
-            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    lock = tmp.with_name(tmp.name + ".lock")
+    with exclusive_lock(lock, f"staging directory {tmp}"):
+        tmp.mkdir()
+        try:
+            yield tmp
+            if final.exists():
+                if not replace_existing:
+                    raise FileExistsError(final)
+                if not _exchange(tmp, final):
+                    trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+                    os.replace(final, trash)
+                    os.replace(tmp, final)
+                    shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        finally:
+            if tmp.exists():  # the body failed, or tmp now holds the exchanged-out old content
+                shutil.rmtree(tmp, ignore_errors=True)
+            lock.unlink(missing_ok=True)

@@ -622,7 +622,8 @@ def compute_evaluation(report_dir: Path, labels_path: Path | None = None, config
         "schema_version": EVAL_SCHEMA_VERSION,
         "artifact": EVAL_ARTIFACT,
         "created_at": utc_now(),
-        "report": {"dir": str(report_dir), "created_at": summary.get("created_at"), "model": summary.get("model"),
+        "report": {"dir": str(report_dir), "created_at": _report_created_at(report_dir, summary),
+                   "model": summary.get("model"),
                    "tau": (summary.get("parameters") or {}).get("tau"), "templates": n_templates,
                    "candidates": len(preds.candidates)},
         "config": {**asdict(config), "n_values": list(n_values), "low_fpr_targets": list(config.low_fpr_targets),
@@ -669,6 +670,14 @@ def evaluate_report(report_dir: Path, labels_path: Path | None = None, config: E
     files = [out_dir / name for name in metrics["files"]]
     _record_in_summary(report_dir, out_dir, files, metrics["created_at"])
     return EvalResult(out_dir, metrics, files)
+
+
+def _report_created_at(report_dir: Path, summary: dict) -> str | None:
+    """When the report was written: run.json has it (older reports kept it in summary.json)."""
+    try:
+        return json.loads((Path(report_dir) / "run.json").read_text(encoding="utf-8")).get("created_at")
+    except (OSError, ValueError, AttributeError):
+        return summary.get("created_at")
 
 
 def _record_in_summary(report_dir: Path, out_dir: Path, files: list[Path], created_at: str) -> None:

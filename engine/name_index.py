@@ -4,7 +4,9 @@ Layout of an index directory:
 
     idx/
       manifest.json            # IndexManifest; written last, atomically: it *is* the commit point
+      .build.lock              # held (flock) by the one build-index writing this directory
       data-<build_id>/         # everything the manifest refers to
+        .readers.lock          # held shared by every query reading this generation
         names.txt              # the name table: row i of every template index is names[i]
         template_00.faiss ...  # one backend index per template, rows = names, L2-normalised
                                # (+ template_00.faiss.json for faiss factory-string kinds)
@@ -20,12 +22,19 @@ the result: names, templates, model fingerprint, precision, index kind, batch si
 template's index is trained on a seeded sample of its rows and filled in chunks. Memory stays bounded
 by one template's index plus one chunk. At the end the build directory is renamed to `data-<build_id>`
 and `manifest.json` is replaced. A crash at any point leaves the previous index (or none) loadable and
-never a half-written one. A reader that has opened the manifest keeps seeing one whole build.
+never a half-written one.
+
+Concurrency (engine/locks.py): one build at a time per index directory (a second one stops with a one-line
+error). A query pins the generation it opened with a shared lock on its `.readers.lock`; the build that
+replaces that generation deletes it only when no query holds it, so a query running through an
+`--overwrite` sees the old index whole, and the next query sees the new one. The manifest carries a
+SHA-256 of its own content, so a hand-edited manifest is refused rather than trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -55,7 +64,9 @@ from .model import (
     Precision,
     load_model,
 )
-from .names import read_names
+from .faults import fault_point
+from .locks import exclusive_lock, shared_lock, try_exclusive
+from .names import NameList, read_names
 from .progress import Progress, no_progress
 from .templates import PAPER_TEMPLATES, render
 from .textfiles import read_artifact_json
@@ -69,6 +80,8 @@ MANIFEST_NAME = "manifest.json"
 NAMES_FILE = "names.txt"
 DEFAULT_STORE_NAME = "image-store"
 BUILD_PREFIX = ".build-"  # an unfinished, resumable build
+BUILD_LOCK = ".build.lock"  # one writer per index directory
+READERS_LOCK = ".readers.lock"  # inside data-<id>/: queries reading that generation hold it shared
 PROGRESS_FILE = "progress.json"
 ENSEMBLE_KIND = "ensemble"  # not a per-template backend: one search over name means, exact re-rank per template
 ENSEMBLE_DIR = "ensemble"
@@ -97,10 +110,19 @@ class IndexManifest:
     files: dict[str, int]  # data file -> size in bytes (checked on open)
     encode: dict[str, Any]  # device, precision, batch size, prompts, seconds
     library_versions: dict[str, str]
+    # SHA-256 of this manifest's canonical JSON without this field (manifest_checksum); "" in older indexes.
+    manifest_sha256: str = ""
 
     @property
     def model_info(self) -> ModelInfo:
         return ModelInfo.from_json(self.model)
+
+
+def manifest_checksum(obj: dict[str, Any]) -> str:
+    """SHA-256 of a manifest's content (sorted keys, no whitespace), leaving out the checksum field itself."""
+    body = {k: v for k, v in obj.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                          .encode("utf-8")).hexdigest()
 
 
 def template_file(t: int, suffix: str) -> str:
@@ -123,16 +145,42 @@ class BuildConfig:
     memory_budget_bytes: int = 8 << 30  # what all templates' indexes may take together (for --index auto)
 
 
-def _check_index_dir_writable(index_dir: Path, overwrite: bool) -> None:
+def _already_built(index_dir: Path) -> ArtifactExistsError:
+    return ArtifactExistsError(f"index dir {index_dir} already holds an index of other inputs; "
+                               "pass --overwrite to replace it")
+
+
+def _existing_manifest(index_dir: Path) -> dict[str, Any] | None:
+    """The current manifest of index_dir as JSON, or None if there is none that reads and checks out."""
+    path = index_dir / MANIFEST_NAME
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        _manifest_from_json(obj, path)
+        return obj
+    except (OSError, ValueError, TypeError, IdiaError):
+        return None
+
+
+def _check_index_dir_writable(index_dir: Path, overwrite: bool, names_sha: str | None = None,
+                              templates: list[str] | None = None) -> None:
+    """Refuse an index dir that is a file, holds foreign files, or holds an index of other inputs.
+
+    An index of the same names and templates passes: whether it is the same build (same model too) is
+    decided once the model is loaded, and then the build is a no-op (rerunning a finished build is safe).
+    """
     if index_dir.exists() and not index_dir.is_dir():
         raise InputError(f"index dir {index_dir} exists and is not a directory")
     if not index_dir.exists():
         return
     if (index_dir / MANIFEST_NAME).exists():
-        if not overwrite:
-            raise ArtifactExistsError(f"index dir {index_dir} already holds an index; pass --overwrite to replace it")
+        if overwrite:
+            return
+        current = _existing_manifest(index_dir)
+        if current is None or names_sha is None or current.get("names_sha256") != names_sha \
+                or current.get("templates") != templates:
+            raise _already_built(index_dir)
         return
-    ours = {DEFAULT_STORE_NAME}
+    ours = {DEFAULT_STORE_NAME, BUILD_LOCK}
     foreign = [p.name for p in index_dir.iterdir()
                if p.name not in ours and not p.name.startswith(("data-", BUILD_PREFIX)) and TMP_MARK not in p.name]
     if foreign:
@@ -143,16 +191,28 @@ def _check_index_dir_writable(index_dir: Path, overwrite: bool) -> None:
 
 
 def _remove_stale_builds(index_dir: Path, keep: str | None) -> None:
-    """Delete data directories no manifest refers to (old builds, crashed builds)."""
+    """Delete data directories no manifest refers to (old builds, crashed builds), except generations that
+    a running query still reads (it holds their .readers.lock): a later build removes those."""
     for p in index_dir.iterdir():
         stale_data = p.name.startswith("data-") and p.name != keep
         crashed = p.name.startswith(".data-") and TMP_MARK in p.name
         unfinished = p.name.startswith(BUILD_PREFIX)  # another input's interrupted build, now superseded
-        if (stale_data or crashed or unfinished) and p.is_dir():
+        if not ((stale_data or crashed or unfinished) and p.is_dir()):
+            continue
+        fd = try_exclusive(p / READERS_LOCK) if stale_data else -1
+        if fd is None:
+            log.info("kept %s: a query is reading it (removed by a later build)", p)
+            continue
+        try:
             shutil.rmtree(p, ignore_errors=True)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
-COMMIT_EVERY_S = 20.0  # flush vectors + record progress at least this often (and at each template's end)
+# Flush vectors + record progress at least this often (and at each template's end). The environment
+# variable exists for the crash tests, which need commits every batch.
+COMMIT_EVERY_S = float(os.environ.get("IDIA_COMMIT_EVERY_S", "20"))
 FILL_CHUNK = 65536  # rows read back per chunk when filling an index
 TRAIN_SEED = 0
 
@@ -189,8 +249,6 @@ def _build_key(names_sha: str, templates: list[str], model: LoadedModel, kind: s
 
 
 def _read_progress(build_dir: Path, key: str, n_templates: int) -> dict[str, Any]:
-    import json
-
     path = build_dir / PROGRESS_FILE
     if path.is_file():
         try:
@@ -248,6 +306,7 @@ def _commit_rows(f, build_dir: Path, progress_state: dict[str, Any], t: int, row
     progress_state["rows"][t] = rows
     progress_state["encode_seconds"] += seconds
     write_json_atomic(build_dir / PROGRESS_FILE, progress_state)
+    fault_point("build.encode.committed")
 
 
 def _fill_index(backend_cls, vectors_path: Path, dim: int, use_gpu: bool, search_params: dict[str, Any],
@@ -273,11 +332,11 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
                 model: LoadedModel | None = None) -> IndexManifest:
     """Encode every (template, name) prompt and write the index directory; return its manifest.
 
-    Inputs are validated before the model is loaded. `model` may be passed to reuse a loaded model.
-    Rerunning an interrupted build with the same inputs resumes it (committed batches are not encoded again).
+    Inputs are validated before anything is written or the model is loaded. `model` may be passed to reuse
+    a loaded model. Rerunning an interrupted build with the same inputs resumes it (committed batches are
+    not encoded again). One build at a time per index directory: a second one raises LockBusyError.
     """
     index_dir = Path(config.index_dir)
-    _check_index_dir_writable(index_dir, config.overwrite)
     if config.index_kind != "auto":  # fail fast on a bad --index, before any model is loaded
         try:
             kind = resolve_index_kind(config.index_kind, 1, 1, 1, "cpu", 1)[0]
@@ -289,6 +348,62 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
     if config.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {config.batch_size}")
     name_list = read_names(config.names_file)
+    names_sha = hashlib.sha256(_names_bytes(name_list.names)).hexdigest()
+    _check_index_dir_writable(index_dir, config.overwrite, names_sha, list(config.templates))
+    created = not index_dir.exists()
+    index_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(index_dir / BUILD_LOCK, f"index dir {index_dir} (build-index)"):
+            # Again, under the lock: another build may just have finished.
+            _check_index_dir_writable(index_dir, config.overwrite, names_sha, list(config.templates))
+            return _build_locked(config, name_list, progress, model)
+    except BaseException:
+        if created:  # leave no empty index directory behind, but keep any resumable work
+            leftovers = [q for q in index_dir.iterdir() if q.name != BUILD_LOCK]
+            if not leftovers:
+                shutil.rmtree(index_dir, ignore_errors=True)
+        raise
+
+
+def _names_bytes(names: list[str]) -> bytes:
+    return ("\n".join(names) + "\n").encode("utf-8")
+
+
+def _finished_build(index_dir: Path, key: str, overwrite: bool) -> IndexManifest | None:
+    """A build of exactly these inputs that already finished, made current; None if there is none.
+
+    - The current index is this build (a rerun of a finished build): nothing to do.
+    - A data-<id> directory of this build was published but its manifest never became current (a crash
+      between the two steps): its own copy of the manifest is made current. No prompt is encoded again.
+    """
+    current = _existing_manifest(index_dir)
+    if current is not None and not overwrite:
+        if current.get("encode", {}).get("build_key") != key:
+            raise _already_built(index_dir)
+        log.info("index dir %s already holds this build (same names, templates, model, kind): nothing to do", index_dir)
+        _remove_stale_builds(index_dir, keep=current["data_dir"])
+        return _manifest_from_json(current, index_dir / MANIFEST_NAME)
+    for data in sorted(index_dir.glob("data-*")):
+        if current is not None and data.name == current["data_dir"]:
+            continue
+        copy = _existing_manifest(data)
+        if copy is None or copy.get("encode", {}).get("build_key") != key or copy.get("data_dir") != data.name:
+            continue
+        manifest = _manifest_from_json(copy, data / MANIFEST_NAME)
+        try:
+            _verify_data(manifest, data)
+        except ArtifactError:
+            continue
+        log.info("found the finished build %s of these inputs (its manifest was never made current): using it", data)
+        write_json_atomic(index_dir / MANIFEST_NAME, copy)
+        _remove_stale_builds(index_dir, keep=data.name)
+        return manifest
+    return None
+
+
+def _build_locked(config: BuildConfig, name_list: NameList, progress: Progress,
+                  model: LoadedModel | None) -> IndexManifest:
+    index_dir = Path(config.index_dir)
     names = name_list.names
     if model is None:
         model = load_model(config.model, config.device, config.precision)
@@ -301,14 +416,17 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
     exact_kind = bool(getattr(backend_cls, "exact_search", False))
     log.info("index kind %s: %s", kind, reason)
 
-    names_bytes = ("\n".join(names) + "\n").encode("utf-8")
+    names_bytes = _names_bytes(names)
     names_sha = hashlib.sha256(names_bytes).hexdigest()
     key = _build_key(names_sha, templates, model, kind, config.batch_size)
-    index_dir.mkdir(parents=True, exist_ok=True)
+    finished = _finished_build(index_dir, key, config.overwrite)
+    if finished is not None:
+        return finished
     build_dir = index_dir / f"{BUILD_PREFIX}{key}"
     build_dir.mkdir(exist_ok=True)
     state = _read_progress(build_dir, key, len(templates))
-    resumed = any(state["rows"])  # committed rows of an earlier, interrupted run of this same build
+    reused = sum(state["rows"])  # committed rows of an earlier, interrupted run of this same build
+    resumed = reused > 0
     if resumed:
         log.info("resuming the unfinished build in %s (%d of %d prompts on disk)", build_dir,
                  sum(state["rows"]), len(templates) * len(names))
@@ -337,6 +455,7 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
             (build_dir / vectors_file(t)).unlink()
         state["indexed"][t] = True
         write_json_atomic(build_dir / PROGRESS_FILE, state)
+        fault_point("build.template.indexed")
         t_index += time.perf_counter() - t1
         progress("index templates", t + 1, len(templates))
 
@@ -350,14 +469,14 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
         del sources
         t_index += time.perf_counter() - t1
     (build_dir / PROGRESS_FILE).unlink()
-    data_files = sorted(p for p in build_dir.rglob("*") if p.is_file())
+    (build_dir / READERS_LOCK).touch()  # queries pin this generation with it (not a data file)
+    data_files = sorted(p for p in build_dir.rglob("*") if p.is_file() and p.name != READERS_LOCK)
     files = {p.relative_to(build_dir).as_posix(): p.stat().st_size for p in data_files}
     for p in data_files:  # data on disk before the manifest points at it
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     data_name = f"data-{build_id}"
-    os.replace(build_dir, index_dir / data_name)
     seconds = state["encode_seconds"]
 
     manifest = IndexManifest(
@@ -383,10 +502,19 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
                 "text_path": str(getattr(getattr(model, "text_path", None), "value", "stock")),
                 "prompts": total, "seconds": round(seconds, 3),
                 "prompts_per_second": round(total / seconds, 1) if seconds > 0 else None,
-                "index_seconds": round(t_index, 3), "index_choice": reason, "resumed": resumed},
+                "index_seconds": round(t_index, 3), "index_choice": reason, "resumed": resumed,
+                "prompts_reused": reused, "build_key": key},
         library_versions=library_versions(),
     )
-    write_json_atomic(index_dir / MANIFEST_NAME, asdict(manifest))
+    obj = asdict(manifest)
+    obj["manifest_sha256"] = manifest_checksum(obj)
+    manifest = IndexManifest(**obj)
+    # A copy travels with the data (not one of its files): a crash right after publishing loses nothing.
+    write_json_atomic(build_dir / MANIFEST_NAME, obj)
+    os.replace(build_dir, index_dir / data_name)
+    fault_point("build.data.published")
+    write_json_atomic(index_dir / MANIFEST_NAME, obj)
+    fault_point("build.manifest.written")
     _remove_stale_builds(index_dir, keep=data_name)
     log.info("built index %s: %d names x %d templates in %.1fs", index_dir, len(names), len(templates), seconds)
     return manifest
@@ -395,11 +523,27 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
 class NameIndex:
     """An opened index directory: its manifest, name table and per-template backends (loaded lazily)."""
 
-    def __init__(self, root: Path, manifest: IndexManifest, names: list[str]):
+    def __init__(self, root: Path, manifest: IndexManifest, names: list[str], lock_fd: int | None = None):
         self.root = root
         self.manifest = manifest
         self.names = names
         self._name_to_id: dict[str, int] | None = None
+        self._lock_fd = lock_fd  # shared lock on data_dir/.readers.lock: pins this generation
+
+    def close(self) -> None:
+        """Release this generation (a later build may then remove it if it is no longer current)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> NameIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     @property
     def data_dir(self) -> Path:
@@ -463,24 +607,57 @@ class NameIndex:
 
 def _manifest_from_json(obj: dict[str, Any], path: Path) -> IndexManifest:
     fields = IndexManifest.__dataclass_fields__
-    missing = [k for k in fields if k not in obj]
+    missing = [k for k in fields if k not in obj and k != "manifest_sha256"]
     if missing:
         raise ArtifactError(f"{path} lacks {', '.join(missing)}; it is not an idia-engine {INDEX_SCHEMA_VERSION} manifest")
-    return IndexManifest(**{k: obj[k] for k in fields})
+    recorded = obj.get("manifest_sha256", "")
+    if recorded and recorded != manifest_checksum(obj):
+        raise ArtifactError(f"{path} was changed after build-index wrote it (its checksum no longer matches); "
+                            "restore it or rebuild the index")
+    return IndexManifest(**{k: obj[k] for k in fields if k in obj})
 
 
 def open_index(index_dir: Path) -> NameIndex:
-    """Open and verify an index directory (manifest, schema, files, name table)."""
+    """Open and verify an index directory (manifest, schema, checksum, files, name table).
 
+    The returned index holds its data generation locked for reading until `close()` (or the process
+    ends): a concurrent `build-index --overwrite` switches the manifest but leaves this generation whole.
+    """
     root = Path(index_dir)
     path = root / MANIFEST_NAME
     if not root.is_dir():
         raise InputError(f"index dir {root} does not exist; build one with `idia-engine build-index NAMES.txt`")
-    if not path.is_file():
-        raise ArtifactError(f"index dir {root} holds no {MANIFEST_NAME}; it is not an index (or its build never finished)")
-    obj = read_artifact_json(path, INDEX_ARTIFACT, INDEX_SCHEMA_VERSION, "upgrade idia-engine or rebuild the index")
-    manifest = _manifest_from_json(obj, path)
-    data = root / manifest.data_dir
+    for attempt in range(5):
+        if not path.is_file():
+            raise ArtifactError(f"index dir {root} holds no {MANIFEST_NAME}; it is not an index "
+                                "(or its build never finished)")
+        obj = read_artifact_json(path, INDEX_ARTIFACT, INDEX_SCHEMA_VERSION, "upgrade idia-engine or rebuild the index")
+        manifest = _manifest_from_json(obj, path)
+        data = root / manifest.data_dir
+        lock_fd = shared_lock(data / READERS_LOCK)
+        try:
+            names = _verify_data(manifest, data)
+        except ArtifactError:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            # A build may have replaced (and removed) this generation between our reading the manifest and
+            # locking it: read the manifest again. An index that stays broken is reported as it is.
+            if attempt < 4 and _manifest_build_id(path) not in (None, manifest.build_id):
+                continue
+            raise
+        return NameIndex(root, manifest, names, lock_fd)
+    raise ArtifactError(f"index dir {root} kept changing while it was opened (builds running?); try again")
+
+
+def _manifest_build_id(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("build_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _verify_data(manifest: IndexManifest, data: Path) -> list[str]:
+    """Check every data file against the manifest; return the name table."""
     for name, size in manifest.files.items():
         p = data / name
         if not p.is_file():
@@ -493,7 +670,7 @@ def open_index(index_dir: Path) -> NameIndex:
     names = names_bytes.decode("utf-8").split("\n")[:-1]
     if len(names) != manifest.num_names:
         raise ArtifactError(f"{data / NAMES_FILE} holds {len(names)} names, the manifest says {manifest.num_names}")
-    return NameIndex(root, manifest, names)
+    return names
 
 
 def iter_prompt_embeddings(model: LoadedModel, template: str, names: list[str], batch_size: int

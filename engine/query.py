@@ -8,7 +8,13 @@ Stages (each timed, each reporting progress):
 4. search   - per template, image embeddings are streamed from the store in bounded chunks and searched
               (top-k); names of queried people missing from the index are scored exactly beside it
 5. decide   - paper mode: unique plurality per template, score 0..T, member iff score >= tau
-6. report   - persons.csv, modes.csv, predictions/, summary.json, swapped in atomically
+6. report   - persons.csv, modes.csv, predictions/, summary.json, run.json, swapped in atomically
+
+Killed at any point (kill -9 included), a rerun with the same arguments gives a byte-identical report
+except run.json (timings, what was encoded now vs found in the store): encode batches are formed from
+the images not yet in the store, in a fixed order, and each batch commits its embeddings and its
+undecodable files in one transaction, so the rerun's batches are exactly the ones the first run had
+not committed, and every image is embedded in the same batch as it would have been.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from idia_engine.indexes import Exactness, search_exact, sort_topk
 from .atomic import staged_directory
 from .attack import PaperModeVotes, paper_mode_votes
 from .errors import InputError
+from .faults import fault_point
 from .images import (
     ImageCollection,
     ImageDataset,
@@ -57,6 +64,7 @@ from .report import (
     write_images_csv,
     write_modes,
     write_persons,
+    write_run,
     write_summary,
 )
 from .store import EmbeddingStore
@@ -97,6 +105,7 @@ class QueryConfig:
 class QueryResult:
     out_dir: Path
     summary: dict  # what summary.json holds
+    run: dict  # what run.json holds: this run's timings and encode counts
 
 
 class _Timer:
@@ -160,9 +169,11 @@ def _encode_missing(model: LoadedModel, store: EmbeddingStore, ns, items: list[t
     progress("encode images", 0, len(items))
     for pixels, shas, bad in loader:
         failed.update(bad)
-        if pixels is not None:
-            store.put_many(ns, shas, model.encode_images(pixels))  # one committed transaction per batch
-            encoded += len(shas)
+        emb = model.encode_images(pixels) if pixels is not None else np.zeros((0, ns.dim), np.float32)
+        # One committed transaction per batch: its embeddings and its undecodable files together.
+        store.put_many(ns, shas, emb, failures=bad)
+        fault_point("query.encode.committed")
+        encoded += len(shas)
         done += len(shas) + len(bad)
         progress("encode images", done, len(items))
     return encoded, failed
@@ -173,7 +184,8 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
     timer = _Timer()
     with timer.stage("inputs"):
         _validate(config)
-        index: NameIndex = open_index(config.index_dir)
+        index: NameIndex = open_index(config.index_dir)  # pins its data generation until the run ends
+        fault_point("query.index.opened")
         templates = index.templates
         if config.tau > len(templates):
             raise InputError(f"--tau {config.tau} exceeds the number of templates ({len(templates)})")
@@ -196,7 +208,7 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
 
     store_dir = Path(config.store_dir) if config.store_dir is not None else Path(config.index_dir) / DEFAULT_STORE_NAME
     skipped: list[Skipped] = list(collection.skipped)
-    with EmbeddingStore(store_dir) as store:
+    with index, EmbeddingStore(store_dir) as store:
         ns = store.namespace(image_fingerprint(model), model.info.embed_dim, config.store_dtype,
                              model=f"{model.info.model} ({model.info.pretrained}), {model.precision.value}")
         with timer.stage("hash"):
@@ -211,8 +223,13 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
             for path, sha in readable:
                 unique.setdefault(sha, path)
             cached = store.contains(ns, list(unique))
-            todo = [(path, sha) for (sha, path), hit in zip(unique.items(), cached) if not hit]
+            known_bad = store.failures(ns, [sha for sha, hit in zip(unique, cached) if not hit])
+            todo = [(path, sha) for (sha, path), hit in zip(unique.items(), cached)
+                    if not hit and sha not in known_bad]
+            if todo:
+                store.require_writable(len(todo))  # before any encoding: a read-only store fails here
             encoded, undecodable = _encode_missing(model, store, ns, todo, config, progress)
+            undecodable.update(known_bad)
             # A file whose bytes do not decode is skipped, and so is every other file with the same bytes.
             skipped += [Skipped(str(p), undecodable[sha]) for (_, p), sha in zip(flat, shas) if sha in undecodable]
         rows = [(name, path, sha) for (name, path), sha in zip(flat, shas) if sha is not None and sha not in undecodable]
@@ -256,12 +273,16 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
                 write_images_csv(pred_dir / "images.csv", [(n, str(p), s) for n, p, s in rows])
                 (pred_dir / "candidates.txt").write_text("".join(c + "\n" for c in candidates), encoding="utf-8")
                 summary = _summary(config, index, model, store_dir, collection, persons, images_used, rows, skipped,
-                                   encoded, len(unique) - len(todo), extra_names, votes, decisions, metrics,
-                                   label_info, k, timer)
+                                   extra_names, votes, decisions, metrics, label_info, k)
                 summary["search"] = search_stats
                 write_summary(tmp, summary)
-        summary["timings_s"] = timer.seconds  # includes the final swap; the file has all but that
-    return QueryResult(Path(config.out_dir), summary)
+                run = {"created_at": utc_now(), "images_encoded": encoded,
+                       "images_from_cache": len(unique) - len(todo) - len(known_bad),
+                       "undecodable_from_store": len(known_bad), "timings_s": dict(timer.seconds)}
+                write_run(tmp, run)
+            fault_point("query.report.staged")
+        run["timings_s"] = timer.seconds  # includes the final swap; the file has all but that
+    return QueryResult(Path(config.out_dir), summary, run)
 
 
 def _search(index: NameIndex, store: EmbeddingStore, ns, shas: list[str], extra_emb: np.ndarray | None, k: int,
@@ -303,6 +324,7 @@ def _search(index: NameIndex, store: EmbeddingStore, ns, shas: list[str], extra_
             scores_out[start:start + len(queries), t] = scores
             done += len(queries)
             progress("search", done, total)
+            fault_point("query.search.chunk")
         del backend, vectors
     stats["exact_decisions"] = stats["uncertified_kept"] == 0
     return stats
@@ -339,6 +361,7 @@ def _search_ensemble(index: NameIndex, store: EmbeddingStore, ns, shas: list[str
             scores_out[start:start + len(queries), t] = scores
         done += len(queries) * len(index.templates)
         progress("search", done, len(shas) * len(index.templates))
+        fault_point("query.search.chunk")
 
 
 def _metrics(persons: list[str], votes: PaperModeVotes, decisions: np.ndarray, labels: dict[str, bool] | None):
@@ -359,14 +382,14 @@ def _metrics(persons: list[str], votes: PaperModeVotes, decisions: np.ndarray, l
     return confusion_metrics(decisions[idx] if len(idx) else np.zeros(0, bool), members), info
 
 
-def _summary(config, index, model, store_dir, collection, persons, images_used, rows, skipped, encoded, from_cache,
-             extra_names, votes, decisions, metrics, label_info, k, timer) -> dict:
+def _summary(config, index, model, store_dir, collection, persons, images_used, rows, skipped,
+             extra_names, votes, decisions, metrics, label_info, k) -> dict:
+    """summary.json: a function of the inputs and arguments alone (what varies per run goes to run.json)."""
     has_images = images_used > 0
     requested = config.images_per_person
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "artifact": REPORT_ARTIFACT,
-        "created_at": utc_now(),
         "mode": "paper",
         "parameters": {
             "source": collection.source, "index_dir": str(config.index_dir), "store_dir": str(store_dir),
@@ -386,8 +409,6 @@ def _summary(config, index, model, store_dir, collection, persons, images_used, 
             "images_found": sum(len(v) for v in collection.persons.values()),
             "images_used": len(rows),
             "images_skipped": len(skipped),
-            "images_encoded": encoded,
-            "images_from_cache": from_cache,
             "candidates": len(index.names) + len(extra_names),
             "candidates_added_for_this_run": len(extra_names),
             "top_k": k,
@@ -400,7 +421,6 @@ def _summary(config, index, model, store_dir, collection, persons, images_used, 
         "skipped_files": [asdict(s) for s in sorted(skipped, key=lambda s: s.path)],
         "metrics": metrics,
         "labels": label_info,
-        "timings_s": dict(timer.seconds),
         "files": FILE_DESCRIPTIONS,
         "library_versions": library_versions(),
     }

@@ -1,7 +1,8 @@
 """The attack report directory that `query` writes, and a reader for its predictions.
 
     report/
-      summary.json               # parameters, counts, skipped files, timings, metrics (the manifest)
+      summary.json               # parameters, counts, skipped files, metrics: a function of the inputs alone
+      run.json                   # this run: when, timings per stage, images encoded now vs found in the store
       persons.csv                # one row per person: name,n_images,score,decision[,label],...
       modes.csv                  # one row per person and template: the plurality vote in detail
       predictions/
@@ -11,7 +12,8 @@
         candidates.txt           # candidate id -> name, one per line (index names, then added names)
 
 The whole directory is staged under a temporary name and swapped in at the end, so a reader never sees
-a half-written report.
+a half-written report. Everything but run.json is byte-identical for the same inputs and arguments, also
+when an earlier run of it was killed halfway.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from .errors import ArtifactError, ArtifactExistsError, InputError
 REPORT_SCHEMA_VERSION = 1
 REPORT_ARTIFACT = "idia-engine attack report"
 SUMMARY = "summary.json"
+RUN = "run.json"
 PREDICTIONS = "predictions"
 
 FILE_DESCRIPTIONS = {
-    "summary.json": "parameters, counts, skipped files, timings per stage and (with labels) metrics",
+    "summary.json": "parameters, counts, skipped files and (with labels) metrics; identical for identical inputs",
+    "run.json": "this run only: created_at, timings per stage, images encoded now / found in the store",
     "persons.csv": "one row per person: name, n_images, score (0..T templates whose unique plurality is the "
                    "true name; higher = more likely a member), decision, label, in_index, true_votes, "
                    "tied_templates, hits (one 0/1 per template)",
@@ -104,6 +108,11 @@ def write_images_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
 
 def write_summary(out_dir: Path, summary: dict) -> None:
     write_json_atomic(out_dir / SUMMARY, summary)
+
+
+def write_run(out_dir: Path, run: dict) -> None:
+    write_json_atomic(out_dir / RUN, {"schema_version": REPORT_SCHEMA_VERSION, "artifact": "idia-engine query run",
+                                      **run})
 
 
 @dataclass(frozen=True)

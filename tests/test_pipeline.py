@@ -103,8 +103,10 @@ def test_build_and_query_match_the_dense_oracle(tmp_path, small_world, tiny_mode
     assert preds.topk_ids.shape == (20, 21, 7) and preds.topk_scores.dtype == np.float32
     assert (np.diff(preds.topk_scores, axis=2) <= 0).all()  # best first
     summary = json.loads((report / "summary.json").read_text())
-    assert summary["counts"]["images_used"] == 20 and summary["counts"]["images_encoded"] == 20
-    assert set(summary["timings_s"]) >= {"hash", "encode images", "search", "decide"}
+    run = json.loads((report / "run.json").read_text())
+    assert summary["counts"]["images_used"] == 20 and run["images_encoded"] == 20
+    assert set(run["timings_s"]) >= {"hash", "encode images", "search", "decide"}
+    assert "timings_s" not in summary and "created_at" not in summary  # summary.json: the inputs' function
 
 
 def test_second_query_is_a_cache_hit_with_identical_output(tmp_path, world, tiny_model_files):
@@ -112,13 +114,16 @@ def test_second_query_is_a_cache_hit_with_identical_output(tmp_path, world, tiny
     ok("build-index", world["names_file"], "--index-dir", idx, *model_args(tiny_model_files), "-q")
     ok("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r1", "-q", "--workers", "2")
     ok("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r2", "-q")
-    s1 = json.loads((tmp_path / "r1" / "summary.json").read_text())
-    s2 = json.loads((tmp_path / "r2" / "summary.json").read_text())
-    assert s1["counts"]["images_encoded"] == 20 and s2["counts"]["images_encoded"] == 0
-    assert s2["counts"]["images_from_cache"] == 20
+    s1 = json.loads((tmp_path / "r1" / "run.json").read_text())
+    s2 = json.loads((tmp_path / "r2" / "run.json").read_text())
+    assert s1["images_encoded"] == 20 and s2["images_encoded"] == 0
+    assert s2["images_from_cache"] == 20
     for f in ("persons.csv", "modes.csv", "predictions/topk_ids.npy", "predictions/topk_scores.npy",
               "predictions/images.csv", "predictions/candidates.txt"):
         assert (tmp_path / "r1" / f).read_bytes() == (tmp_path / "r2" / f).read_bytes(), f
+    sum1, sum2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("r1", "r2"))
+    assert sum1["parameters"].pop("workers") == 2 and sum2["parameters"].pop("workers") == 0
+    assert sum1 == sum2  # everything but the arguments that differ
     # Rerunning into the same report directory replaces it.
     ok("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r1", "-q")
 
@@ -196,8 +201,11 @@ def test_overwrite_and_a_crashed_build_leave_a_loadable_index(tmp_path, world, t
     args = ["build-index", world["names_file"], "--index-dir", idx, *model_args(tiny_model_files), "-q"]
     ok(*args)
     first = json.loads((idx / "manifest.json").read_text())["build_id"]
-    r = invoke(*args)
-    assert r.exit_code == 2 and "--overwrite" in r.output
+    ok(*args)  # the same inputs again: nothing to do, the index stays
+    assert json.loads((idx / "manifest.json").read_text())["build_id"] == first
+    (tmp_path / "fewer.txt").write_text("\n".join(world["names"][:10]) + "\n", encoding="utf-8")
+    r = invoke(*[a if a != world["names_file"] else tmp_path / "fewer.txt" for a in args])
+    assert r.exit_code == 2 and "--overwrite" in r.output  # other inputs: only with --overwrite
     ok("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r", "-q")
 
     from idia_engine.indexes.flat import FlatIPBackend
@@ -221,7 +229,8 @@ def test_overwrite_and_a_crashed_build_leave_a_loadable_index(tmp_path, world, t
     ok(*args, "--overwrite")
     second = json.loads((idx / "manifest.json").read_text())["build_id"]
     assert second != first and not (idx / f"data-{first}").exists()
-    leftovers = [p.name for p in idx.iterdir() if p.name not in ("manifest.json", "image-store", f"data-{second}")]
+    leftovers = [p.name for p in idx.iterdir()
+                 if p.name not in ("manifest.json", ".build.lock", "image-store", f"data-{second}")]
     assert leftovers == []
     r = ok("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r3", "-q")
     assert "0 encoded, 20 from cache" in r.output  # the store survives a rebuild with the same model
@@ -246,7 +255,7 @@ def test_interrupted_encoding_resumes_after_the_last_committed_batch(tmp_path, w
     assert r.exit_code == 130 and not (tmp_path / "r").exists()
     monkeypatch.setattr(LoadedModel, "encode_images", real)
     ok("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r", "--batch-size", 4, "-q")
-    counts = json.loads((tmp_path / "r" / "summary.json").read_text())["counts"]
+    counts = json.loads((tmp_path / "r" / "run.json").read_text())
     assert counts["images_from_cache"] == 8 and counts["images_encoded"] == 12
 
 

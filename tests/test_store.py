@@ -1,18 +1,27 @@
-"""The LMDB image-embedding store: round trips, namespaces, persistence, map growth, refusals, two processes."""
+"""The LMDB image-embedding store: round trips, namespaces, persistence, map growth, refusals, decode
+failures, read-only locations, forked and spawned processes, two processes growing the map."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
+import idia_engine.engine.store as store_mod
+import lmdb
 import numpy as np
 import pytest
-
-import idia_engine.engine.store as store_mod
 from idia_engine.engine.errors import ArtifactError, ManifestMismatchError
-from idia_engine.engine.store import STORE_ARTIFACT, STORE_MANIFEST, STORE_SCHEMA_VERSION, EmbeddingStore
+from idia_engine.engine.store import (
+    STORE_ARTIFACT,
+    STORE_MANIFEST,
+    STORE_SCHEMA_VERSION,
+    EmbeddingStore,
+    StoreReadOnlyError,
+)
 
 DIM = 16
 FP16_RTOL = 2.0 ** -11  # half of float16's machine epsilon: round-to-nearest relative error bound
@@ -288,3 +297,322 @@ def test_first_process_survives_the_second_growing_the_map(tmp_path, monkeypatch
         np.testing.assert_array_equal(s.get_many(ns, [sha(i) for i in range(1000, 5000)]), embeddings(4000, seed=2))
         s.put_many(ns, [sha(1)], embeddings(1, seed=3))
         assert s.count(ns) == 4002
+
+
+# --- decode failures recorded with their batch ------------------------------------------------------------
+
+
+def test_failures_are_committed_with_the_batch(store):
+    ns = store.namespace(fingerprint("a"), DIM)
+    shas = [sha(i) for i in range(4)]
+    bad = {sha(100): "not a decodable image (UnidentifiedImageError: cannot identify)", sha(101): "décodage raté ✗"}
+    store.put_many(ns, shas, embeddings(4), failures=bad)
+    np.testing.assert_array_equal(store.get_many(ns, shas), embeddings(4))
+    assert store.failures(ns, [sha(101), sha(0), sha(100), sha(999)]) == {sha(101): bad[sha(101)],
+                                                                           sha(100): bad[sha(100)]}
+    assert store.failures(ns, []) == {}
+    assert store.count(ns) == 4  # markers are not embeddings
+    assert not store.contains(ns, list(bad)).any()
+    # The markers are the documented keys, in the same namespace only.
+    with store.env.begin() as txn:
+        assert bytes(txn.get(b"x" + bytes.fromhex(ns.fingerprint) + bytes.fromhex(sha(100)))).decode() == bad[sha(100)]
+    other = store.namespace(fingerprint("b"), DIM)
+    assert store.failures(other, list(bad)) == {}
+
+
+def test_failures_without_embeddings(store):
+    ns = store.namespace(fingerprint("a"), DIM)
+    store.put_many(ns, [], None, failures={sha(1): "empty"})
+    store.put_many(ns, [], np.zeros((0, DIM), np.float32), failures={sha(2): "truncated"})
+    store.put_many(ns, [], np.zeros((0,), np.float32), failures={sha(3): "bomb"})
+    store.put_many(ns, [], None)  # nothing at all: nothing happens
+    assert store.failures(ns, [sha(i) for i in range(5)]) == {sha(1): "empty", sha(2): "truncated", sha(3): "bomb"}
+    assert store.count(ns) == 0
+    with pytest.raises(ArtifactError):
+        store.put_many(ns, [sha(4)], None)
+
+
+def test_failure_and_embedding_of_one_image(store):
+    ns = store.namespace(fingerprint("a"), DIM)
+    with pytest.raises(ArtifactError, match=sha(0)[:16]):
+        store.put_many(ns, [sha(0)], embeddings(1), failures={sha(0): "both?"})
+    assert store.failures(ns, [sha(0)]) == {} and store.count(ns) == 0  # nothing of it was written
+    with pytest.raises(ArtifactError, match="string"):
+        store.put_many(ns, [], None, failures={sha(0): 3})
+    store.put_many(ns, [], None, failures={sha(0): "did not decode"})
+    store.put_many(ns, [sha(0)], embeddings(1))  # decoded after all (a newer Pillow): the marker goes
+    assert store.failures(ns, [sha(0)]) == {}
+    np.testing.assert_array_equal(store.get_many(ns, [sha(0)]), embeddings(1))
+
+
+def test_failures_persist_and_key_format_documents_them(tmp_path):
+    path = tmp_path / "store"
+    with EmbeddingStore(path) as s:
+        ns = s.namespace(fingerprint("a"), DIM)
+        s.put_many(ns, [sha(0)], embeddings(1), failures={sha(1): "bad"})
+    with EmbeddingStore(path) as s:
+        ns = s.namespace(fingerprint("a"), DIM)
+        assert s.failures(ns, [sha(0), sha(1)]) == {sha(1): "bad"}
+    key_format = json.loads((path / STORE_MANIFEST).read_text(encoding="utf-8"))["key_format"]
+    assert "b'x'" in key_format and "b'e'" in key_format and "b'm'" in key_format
+    assert json.loads((path / STORE_MANIFEST).read_text())["schema_version"] == 1
+
+
+# --- read-only locations ----------------------------------------------------------------------------------
+
+
+def _filled_store(path: Path) -> tuple[str, list[str], np.ndarray]:
+    fp = fingerprint("a")
+    shas = [sha(i) for i in range(8)]
+    x = embeddings(8)
+    with EmbeddingStore(path) as s:
+        s.put_many(s.namespace(fp, DIM, model="tiny"), shas, x, failures={sha(50): "bad"})
+    return fp, shas, x
+
+
+def _check_read_only(s: EmbeddingStore, fp: str, shas: list[str], x: np.ndarray, reason: str) -> None:
+    assert not s.writable
+    ns = s.namespace(fp, DIM)  # a model the store already knows: fine
+    np.testing.assert_array_equal(s.get_many(ns, shas), x)
+    assert s.count(ns) == len(shas) and s.contains(ns, shas).all()
+    assert s.failures(ns, [sha(50)]) == {sha(50): "bad"}
+    assert list(s.iter_embeddings(ns, shas, chunk=5))[1][0] == 5
+    with pytest.raises(StoreReadOnlyError) as info:
+        s.put_many(ns, [sha(99)], embeddings(1))
+    msg = str(info.value)
+    assert str(s.path) in msg and reason in msg and "--store" in msg and "\n" not in msg
+    with pytest.raises(StoreReadOnlyError):
+        s.put_many(ns, [], None, failures={sha(98): "bad"})
+    with pytest.raises(StoreReadOnlyError):
+        s.namespace(fingerprint("new model"), DIM)
+    with pytest.raises(StoreReadOnlyError, match=r"; 12 images need encoding — pass --store"):
+        s.require_writable(12)
+    with pytest.raises(StoreReadOnlyError, match=r"; 1 image needs encoding"):
+        s.require_writable(1)
+    assert isinstance(info.value, ArtifactError)
+    assert s.count(ns) == len(shas)
+
+
+def test_explicitly_read_only_store(tmp_path):
+    path = tmp_path / "store"
+    fp, shas, x = _filled_store(path)
+    with EmbeddingStore(path, readonly=True) as s:
+        _check_read_only(s, fp, shas, x, "opened read-only")
+    with EmbeddingStore(path) as s:  # and writable again
+        assert s.writable
+        s.put_many(s.namespace(fp, DIM), [sha(99)], embeddings(1))
+
+
+def _refuse_writable_open(monkeypatch, code: int) -> list[dict]:
+    """lmdb.open fails as on a read-only filesystem unless asked for readonly=True."""
+    real_open = lmdb.open
+    calls: list[dict] = []
+
+    def fake_open(path, **kw):
+        calls.append(kw)
+        if not kw.get("readonly"):
+            raise lmdb.Error(f"{path}: {os.strerror(code)}")
+        return real_open(path, **kw)
+    monkeypatch.setattr(store_mod.lmdb, "open", fake_open)
+    return calls
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_unwritable_location_opens_read_only(tmp_path, monkeypatch, code):
+    path = tmp_path / "store"
+    fp, shas, x = _filled_store(path)
+    calls = _refuse_writable_open(monkeypatch, code)
+    with EmbeddingStore(path) as s:
+        _check_read_only(s, fp, shas, x, os.strerror(code))
+    assert [c.get("readonly", False) for c in calls] == [False, True]
+    assert calls[1]["lock"] is False  # a read-only location cannot hold the reader table
+
+
+def test_unwritable_location_without_a_store_is_refused(tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _refuse_writable_open(monkeypatch, errno.EROFS)
+    with pytest.raises(ArtifactError, match="empty") as info:
+        EmbeddingStore(empty)
+    assert not isinstance(info.value, StoreReadOnlyError) and os.strerror(errno.EROFS) in str(info.value)
+    assert list(empty.iterdir()) == []
+    with pytest.raises(ArtifactError, match="nowhere"):
+        EmbeddingStore(tmp_path / "nowhere", readonly=True)
+    with pytest.raises(ArtifactError, match="empty"):
+        EmbeddingStore(empty, readonly=True)
+
+
+def test_uncreatable_location_is_refused(tmp_path, monkeypatch):
+    def refuse(self, *a, **kw):
+        raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(ArtifactError, match="new-store"):
+        EmbeddingStore(tmp_path / "new-store")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes through chmod")
+def test_chmod_read_only_directory_opens_read_only(tmp_path):
+    path = tmp_path / "store"
+    fp, shas, x = _filled_store(path)
+    modes = {p: p.stat().st_mode for p in [path, *path.iterdir()]}
+    try:
+        for p in path.iterdir():
+            p.chmod(0o444)
+        path.chmod(0o555)
+        with EmbeddingStore(path) as s:
+            _check_read_only(s, fp, shas, x, os.strerror(errno.EACCES))
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+
+
+# --- fork safety ------------------------------------------------------------------------------------------
+
+
+def _forked_child(s: EmbeddingStore, fp: str, wrote: multiprocessing.synchronize.Event,
+                  parent_wrote: multiprocessing.synchronize.Event, out) -> None:
+    """Runs in a forked child with the parent's EmbeddingStore object."""
+    parent_pid = os.getppid()
+    ns = s.namespace(fp, DIM)
+    np.testing.assert_array_equal(s.get_many(ns, [sha(i) for i in range(10)]), embeddings(10, seed=1))
+    s.put_many(ns, [sha(i) for i in range(100, 120)], embeddings(20, seed=2), failures={sha(500): "child"})
+    wrote.set()
+    assert parent_wrote.wait(60)
+    np.testing.assert_array_equal(s.get_many(ns, [sha(i) for i in range(200, 230)]), embeddings(30, seed=3))
+    out.put((s._pid, parent_pid, os.getpid(), s.count(ns)))
+    s.close()  # closes the child's own environment only
+
+
+def test_forked_child_uses_the_parents_store_object(store):
+    fp = fingerprint("a")
+    ns = store.namespace(fp, DIM)
+    store.put_many(ns, [sha(i) for i in range(10)], embeddings(10, seed=1))
+    parent_env = store.env
+    ctx = multiprocessing.get_context("fork")
+    wrote, parent_wrote, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_forked_child, args=(store, fp, wrote, parent_wrote, out))
+    proc.start()
+    try:
+        assert wrote.wait(60), "the child did not write"
+        # The parent keeps using the same object while the child has its own environment open.
+        np.testing.assert_array_equal(store.get_many(ns, [sha(i) for i in range(100, 120)]), embeddings(20, seed=2))
+        assert store.failures(ns, [sha(500)]) == {sha(500): "child"}
+        store.put_many(ns, [sha(i) for i in range(200, 230)], embeddings(30, seed=3))
+        parent_wrote.set()
+        child_pid_seen, parent_pid, child_pid, child_count = out.get(timeout=60)
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
+    assert child_pid_seen == child_pid != parent_pid == os.getpid()  # the child opened its own environment
+    assert child_count == 60
+    assert store._pid == os.getpid()
+    assert store.count(ns) == 60  # the parent's store still works after the child closed its copy
+    store.put_many(ns, [sha(300)], embeddings(1, seed=4))
+    assert store.count(ns) == 61
+    assert store.env is not parent_env  # closed before the fork, reopened lazily in the parent
+    with store.env.begin() as txn:
+        assert txn.get(ns.key(sha(300))) is not None
+
+
+class _StoreDataset:
+    """A Dataset holding an EmbeddingStore, as a DataLoader worker would use it."""
+
+    def __init__(self, s: EmbeddingStore, ns, shas: list[str]):
+        self.store, self.ns, self.shas = s, ns, shas
+
+    def __len__(self) -> int:
+        return len(self.shas)
+
+    def __getitem__(self, i: int):
+        return self.store.get_many(self.ns, [self.shas[i]])[0], os.getpid()
+
+
+def test_dataloader_workers_read_the_store(store):
+    torch = pytest.importorskip("torch")
+    ns = store.namespace(fingerprint("a"), DIM)
+    shas = [sha(i) for i in range(40)]
+    x = embeddings(40)
+    store.put_many(ns, shas, x)
+    dataset = _StoreDataset(store, ns, shas)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, shuffle=False,
+                                         multiprocessing_context="fork")
+    for epoch in range(2):  # each epoch forks new workers
+        rows, pids = [], set()
+        for emb, pid in loader:
+            rows.append(emb.numpy())
+            pids.update(int(p) for p in pid)
+            store.put_many(ns, [sha(1000 + epoch)], embeddings(1, seed=epoch))  # the parent writes meanwhile
+        np.testing.assert_array_equal(np.concatenate(rows), x)
+        assert len(pids) == 2 and os.getpid() not in pids
+    assert store.count(ns) == 42
+
+
+def _spawned_reader(s: EmbeddingStore, fp: str) -> None:
+    ns = s.namespace(fp, DIM)
+    np.testing.assert_array_equal(s.get_many(ns, [sha(i) for i in range(5)]), embeddings(5))
+    s.put_many(ns, [sha(77)], embeddings(1, seed=7))
+    s.close()
+
+
+def test_store_object_pickled_to_a_spawned_process(store):
+    fp = fingerprint("a")
+    ns = store.namespace(fp, DIM)
+    store.put_many(ns, [sha(i) for i in range(5)], embeddings(5))
+    proc = multiprocessing.get_context("spawn").Process(target=_spawned_reader, args=(store, fp))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == 0
+    np.testing.assert_array_equal(store.get_many(ns, [sha(77)]), embeddings(1, seed=7))
+
+
+# --- two processes growing the map at once ----------------------------------------------------------------
+
+
+def _grow_writer(path: str, fp: str, start: int, batches: int, small: int, go, out) -> None:
+    resized = []
+    real_remap = EmbeddingStore._remap
+
+    def counting_remap(self, size):
+        resized.append(size)
+        return real_remap(self, size)
+    EmbeddingStore._remap = counting_remap
+    with EmbeddingStore(Path(path), map_size=small) as s:
+        ns = s.namespace(fp, 64)
+        assert go.wait(60)
+        for b in range(batches):
+            ids = range(start + b * 100, start + (b + 1) * 100)
+            s.put_many(ns, [sha(i) for i in ids], embeddings(100, 64, seed=start + b))
+    out.put((start, sum(1 for r in resized if r == 0), sum(1 for r in resized if r > 0)))
+
+
+def test_two_processes_grow_the_map_at_once(tmp_path):
+    small = 1 << 17  # 128 KiB; the two writers add ~1.6 MiB: several doublings, taken in turns
+    path = tmp_path / "store"
+    fp = fingerprint("a")
+    with EmbeddingStore(path, map_size=small) as s:
+        s.namespace(fp, 64)
+    ctx = multiprocessing.get_context("fork")
+    go, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_grow_writer, args=(str(path), fp, start, 30, small, go, out))
+             for start in (0, 100_000)]
+    for p in procs:
+        p.start()
+    go.set()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    adopted = sum(r[1] for r in results)
+    grown = sum(r[2] for r in results)
+    assert grown >= 3, results  # the map doubled several times
+    assert adopted >= 1, results  # and a writer adopted the size the other one set (MapResizedError)
+    with EmbeddingStore(path, map_size=small) as s:
+        ns = s.namespace(fp, 64)
+        assert s.count(ns) == 6000
+        assert s.env.info()["map_size"] >= 8 * small
+        for start in (0, 100_000):
+            for b in range(30):
+                ids = range(start + b * 100, start + (b + 1) * 100)
+                np.testing.assert_array_equal(s.get_many(ns, [sha(i) for i in ids]), embeddings(100, 64, seed=start + b))
