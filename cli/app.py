@@ -15,9 +15,9 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from idia_engine.engine.errors import IdiaError
 from idia_engine.engine.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, DeviceChoice, ModelSpec, Precision
@@ -33,11 +33,35 @@ err = Console(stderr=True)
 out = Console()
 
 
+class _OneLineHandler(logging.Handler):
+    """Log records as one unwrapped line each on stderr ("warning: ..."), so that warnings stay greppable.
+
+    Without -v, records of the root logger below ERROR are dropped: libraries (open_clip) log there about
+    things the engine already reports. The engine's own warnings (duplicates, unknown labels) always show.
+    """
+
+    def __init__(self, verbose: bool):
+        super().__init__(logging.INFO if verbose else logging.WARNING)
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or record.name != "root" or record.levelno >= logging.ERROR
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = " ".join(self.format(record).splitlines())
+            prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+            err.print(Text(prefix + message, style="yellow" if record.levelno == logging.WARNING else ""),
+                      soft_wrap=True, highlight=False)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", force=True,
-                        handlers=[RichHandler(console=err, show_time=False, show_path=False)])
-    # open_clip and huggingface_hub log at WARNING about things the engine already reports.
-    for noisy in ("root", "huggingface_hub", "open_clip"):
+                        handlers=[_OneLineHandler(verbose)])
+    # huggingface_hub and open_clip log at WARNING about things the engine already reports.
+    for noisy in ("huggingface_hub", "open_clip"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
 
 
@@ -65,7 +89,9 @@ def _errors_to_exit() -> Iterator[None]:
     try:
         yield
     except IdiaError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # One line: the message is text, never rich markup (a path like faces/[2024]/ must survive).
+        err.print(Text.assemble(("error:", "bold red"), " ", " ".join(str(e).splitlines())),
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: committed work is kept; rerun the same command to resume")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,12 @@ def person_name_from_folder(folder_name: str) -> str:
     return normalize_name(folder_name.replace("_", " "))
 
 
+def name_key(name: str) -> str:
+    """Names equal under this key are one person spelt two ways ("Anna Smith" / "anna smith"): refused, since
+    file systems that ignore case would merge their folders and CLIP's tokenizer lower-cases prompts."""
+    return unicodedata.normalize("NFC", name.casefold())
+
+
 def collect_from_folder(faces_dir: Path) -> ImageCollection:
     faces_dir = Path(faces_dir)
     if not faces_dir.exists():
@@ -54,19 +61,25 @@ def collect_from_folder(faces_dir: Path) -> ImageCollection:
     if not faces_dir.is_dir():
         raise InputError(f"faces folder {faces_dir} is not a directory; give faces/<Person Name>/<images>")
     persons: dict[str, list[Path]] = {}
-    folder_of: dict[str, str] = {}
+    folder_of: dict[str, str] = {}  # casefolded name -> folder
     skipped: list[Skipped] = []
-    for entry in sorted(faces_dir.iterdir(), key=lambda p: p.name):
+    try:
+        entries = sorted(faces_dir.iterdir(), key=lambda p: p.name)
+    except OSError as e:
+        raise InputError(f"faces folder {faces_dir} cannot be listed ({e.strerror or e}); give a readable folder") from None
+    for entry in entries:
         if not entry.is_dir():
             skipped.append(Skipped(str(entry), "not inside a person folder (expected faces/<Person Name>/<image>)"))
             continue
         name = person_name_from_folder(entry.name)
         check_name(name, where=f"person folder {entry}")
-        if name in persons:
-            raise InputError(
-                f"person folders {faces_dir / folder_of[name]} and {entry} both name {name!r}; merge or rename one"
-            )
-        folder_of[name] = entry.name
+        key = name_key(name)
+        if key in folder_of:
+            other = person_name_from_folder(folder_of[key])
+            what = f"both name {name!r}" if other == name else \
+                f"name {other!r} and {name!r}, which differ only in letter case"
+            raise InputError(f"person folders {faces_dir / folder_of[key]} and {entry} {what}; merge or rename one")
+        folder_of[key] = entry.name
         files: list[Path] = []
         for root, dirs, filenames in os.walk(entry, followlinks=False):
             dirs.sort()
@@ -83,12 +96,17 @@ def collect_from_csv(csv_path: Path) -> ImageCollection:
     if not csv_path.is_file():
         raise InputError(f"image manifest {csv_path} does not exist or is not a file")
     persons: dict[str, list[Path]] = {}
+    first_seen: dict[str, tuple[str, int]] = {}  # casefolded name -> (name as written, line)
     for lineno, row in iter_csv_rows(csv_path, ("path", "name"), "image manifest"):
         raw_path, raw_name = (row.get("path") or "").strip(), (row.get("name") or "")
         if not raw_path:
-            raise InputError(f"{csv_path}:{lineno}: empty path")
+            raise InputError(f"{csv_path}:{lineno}: empty path; give the image file, relative to the CSV or absolute")
         name = normalize_name(raw_name)
         check_name(name, where=f"{csv_path}:{lineno}")
+        other, other_line = first_seen.setdefault(name_key(name), (name, lineno))
+        if other != name:
+            raise InputError(f"{csv_path}:{lineno}: name {name!r} differs only in letter case from {other!r} "
+                             f"(line {other_line}); write one person's name the same way on every line")
         p = Path(raw_path)
         persons.setdefault(name, []).append(p if p.is_absolute() else csv_path.parent / p)
     if not persons:

@@ -68,6 +68,7 @@ from .faults import fault_point
 from .locks import exclusive_lock, shared_lock, try_exclusive
 from .names import NameList, read_names
 from .progress import Progress, no_progress
+from .prompt_lengths import check_prompt_lengths
 from .templates import PAPER_TEMPLATES, render
 from .textfiles import read_artifact_json
 from .versions import library_versions, utc_now
@@ -415,6 +416,12 @@ def _build_locked(config: BuildConfig, name_list: NameList, progress: Progress,
     backend_cls = None if kind == ENSEMBLE_KIND else get_backend(kind)
     exact_kind = bool(getattr(backend_cls, "exact_search", False))
     log.info("index kind %s: %s", kind, reason)
+    # Prompts longer than the text tower's context are cut by the tokenizer without a word: say so, and
+    # which names then get identical prompts (and so identical embeddings).
+    lengths = check_prompt_lengths(model.tokenizer, templates, names, model.info.context_length)
+    for line in lengths.warning_lines():
+        log.warning("%s: %s", config.names_file, line)
+    prompt_lengths = {k: v for k, v in lengths.to_json().items() if k != "seconds"}
 
     names_bytes = _names_bytes(names)
     names_sha = hashlib.sha256(names_bytes).hexdigest()
@@ -503,7 +510,7 @@ def _build_locked(config: BuildConfig, name_list: NameList, progress: Progress,
                 "prompts": total, "seconds": round(seconds, 3),
                 "prompts_per_second": round(total / seconds, 1) if seconds > 0 else None,
                 "index_seconds": round(t_index, 3), "index_choice": reason, "resumed": resumed,
-                "prompts_reused": reused, "build_key": key},
+                "prompts_reused": reused, "build_key": key, "prompt_lengths": prompt_lengths},
         library_versions=library_versions(),
     )
     obj = asdict(manifest)

@@ -49,10 +49,14 @@ def iter_name_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield (line number, normalised name) for every name line of `path`, validating as it goes."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"names file {path} does not exist")
+        raise InputError(f"names file {path} does not exist; give a UTF-8 text file, one name per line")
     if not path.is_file():
         raise InputError(f"names file {path} is not a regular file (a directory?); give a UTF-8 text file")
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"names file {path} cannot be read ({e.strerror or e}); give a readable UTF-8 text file") from None
+    with f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .errors import InputError
-from .textfiles import decode_utf8
+from .textfiles import decode_utf8, read_input_bytes
 
 # Paper mode, in this order (Hintersdorf et al., JAIR 2024; see shared/IDIA.md). Do not edit.
 PAPER_TEMPLATES: tuple[str, ...] = (
@@ -69,7 +69,7 @@ def load_templates(path: Path) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"templates file {path} does not exist or is not a file")
-    text = decode_utf8(path.read_bytes(), path, "templates file")
+    text = decode_utf8(read_input_bytes(path, "templates file"), path, "templates file")
     templates: list[str] = []
     first_line: dict[str, int] = {}
     for lineno, line in enumerate(text.split("\n"), start=1):

@@ -20,13 +20,21 @@ def decode_utf8(data: bytes, path: Path, what: str) -> str:
                          ) from None
 
 
+def read_input_bytes(path: Path, what: str) -> bytes:
+    """The bytes of a user's input file; an unreadable one is an InputError naming it, not a traceback."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{what} {path} cannot be read ({e.strerror or e}); give a readable file") from None
+
+
 def iter_csv_rows(path: Path, required: tuple[str, ...], what: str) -> Iterator[tuple[int, dict[str, str]]]:
     """Yield (line number in the file, row) of a UTF-8 CSV whose header holds the `required` columns.
 
     Header names are stripped of surrounding spaces. The line number is the file's real line (the csv
     module skips blank lines, so counting rows would drift).
     """
-    reader = csv.DictReader(io.StringIO(decode_utf8(path.read_bytes(), path, what), newline=""))
+    reader = csv.DictReader(io.StringIO(decode_utf8(read_input_bytes(path, what), path, what), newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in required if c not in header]
     if missing:

@@ -181,3 +181,95 @@ def test_threads_wait_for_a_reader_slot(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "time", CountingTime)
     _reader_process(str(path), fp, n, 16, 10)
     assert waits, "the reader table never filled up: the test proves nothing"
+
+
+# --- build-index against running queries and builds -------------------------------------------------------
+
+
+def _cli_env(fault: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "IDIA_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "IDIA_COMMIT_EVERY_S": "0"}
+    env.pop("IDIA_FAULT", None)
+    if fault:
+        env["IDIA_FAULT"] = fault
+    return env
+
+
+def _cli(*args, fault: str | None = None, wait: bool = True):
+    cmd = [sys.executable, "-m", "idia_engine.cli.app", *map(str, args)]
+    if wait:
+        return subprocess.run(cmd, env=_cli_env(fault), capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, env=_cli_env(fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _locked_by_someone(lock: Path) -> bool:
+    import fcntl
+
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _wait_for(condition, what: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert proc.poll() is None, f"the process ended before {what}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_query_during_build_index_overwrite_sees_the_old_index_whole(tmp_path, world, tiny_model_files):
+    config, ckpt = tiny_model_files
+    idx = tmp_path / "idx"
+    old_names, new_names = tmp_path / "old.txt", tmp_path / "new.txt"
+    old_names.write_text("\n".join(world["names"][:30]) + "\n", encoding="utf-8")
+    new_names.write_text("\n".join(world["names"][10:]) + "\n", encoding="utf-8")
+    build = ["build-index", "--index-dir", idx, "--model", config, "--pretrained", ckpt, "-q"]
+    assert _cli(*build[:1], old_names, *build[1:]).returncode == 0
+    old = json.loads((idx / "manifest.json").read_text())
+    readers_lock = idx / old["data_dir"] / ".readers.lock"
+
+    # The query opens the index, then pauses 8 s (a fault point) with the old generation pinned.
+    query = _cli("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r", "--store", tmp_path / "s",
+                 "-q", fault="query.index.opened:1:sleep=8", wait=False)
+    _wait_for(lambda: _locked_by_someone(readers_lock), "the query to pin the old index", query)
+    rebuilt = _cli(*build[:1], new_names, *build[1:], "--overwrite")  # runs to the end meanwhile
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    new = json.loads((idx / "manifest.json").read_text())
+    assert new["build_id"] != old["build_id"]
+    assert (idx / old["data_dir"]).is_dir()  # kept: a query still reads it
+    stdout, stderr = query.communicate(timeout=300)
+    assert query.returncode == 0, stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["index"]["build_id"] == old["build_id"]  # the old index, whole: its names, its files
+    candidates = (tmp_path / "r" / "predictions" / "candidates.txt").read_text(encoding="utf-8").splitlines()
+    assert candidates == world["names"][:30]
+
+    again = _cli("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r2", "--store", tmp_path / "s",
+                 "-q")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "r2" / "summary.json").read_text())["index"]["build_id"] == new["build_id"]
+    # Nobody reads the old generation any more: the next build (here a no-op rerun) removes it.
+    assert _cli(*build[:1], new_names, *build[1:]).returncode == 0
+    assert not (idx / old["data_dir"]).exists()
+
+
+@pytest.mark.slow
+def test_a_second_build_of_the_same_index_dir_is_refused_while_the_first_runs(tmp_path, world, tiny_model_files):
+    config, ckpt = tiny_model_files
+    idx = tmp_path / "idx"
+    build = ["build-index", world["names_file"], "--index-dir", idx, "--model", config, "--pretrained", ckpt,
+             "--batch-size", 8, "-q"]
+    first = _cli(*build, fault="build.encode.committed:1:sleep=6", wait=False)
+    _wait_for(lambda: any(idx.glob(".build-*/progress.json")), "the first build to commit", first)
+    second = _cli(*build)
+    assert second.returncode == 1
+    assert "in use by another process (pid" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr  # the first build was not disturbed
+    assert _cli(*build).returncode == 0  # and now the directory is free (a no-op: the same inputs)

@@ -525,3 +525,34 @@ def test_collate_all_failed(tmp_path):
     ds = ImageDataset([(bad, "h1")], lambda im: torch.zeros(3, 4, 4))
     stacked, shas, failed = collate_images([ds[0]])
     assert stacked is None and shas == [] and list(failed) == ["h1"]
+
+
+def test_collect_from_folder_two_folders_differ_only_in_case(tmp_path):
+    faces = tmp_path / "faces"
+    touch(faces / "Anna_Smith" / "1.jpg")
+    touch(faces / "anna smith" / "2.jpg")
+    raises_input_error(collect_from_folder, faces, must_name=[str(faces / "Anna_Smith"), str(faces / "anna smith"),
+                                                              "letter case"])
+
+
+def test_collect_from_csv_names_differ_only_in_case(tmp_path):
+    f = write(tmp_path / "images.csv", "path,name\na.jpg,Anna Smith\nb.jpg,Anna Smith\nc.jpg,ANNA SMITH\n")
+    raises_input_error(collect_from_csv, f, must_name=[f"{f}:4", "'ANNA SMITH'", "'Anna Smith'", "line 2"])
+
+
+def test_unreadable_text_inputs_are_input_errors(tmp_path, monkeypatch):
+    # chmod 000 does not stop root: make the read itself fail, as it does for a user without permission.
+    import idia_engine.engine.names as names_mod
+
+    f = write(tmp_path / "names.txt", "Anna\n")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(names_mod, "open", denied, raising=False)
+    raises_input_error(read_names, f, must_name=[str(f), "Permission denied"])
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    t = write(tmp_path / "t.txt", "{0}\n")
+    raises_input_error(load_templates, t, must_name=[str(t), "Permission denied"])
+    lab = write(tmp_path / "labels.csv", "name,member\nA,1\n")
+    raises_input_error(read_labels, lab, must_name=[str(lab), "Permission denied"])
