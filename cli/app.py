@@ -263,7 +263,7 @@ def demo_cmd(
               f"{world.config.heldout_photos} held-out photos each; {result.index.num_names} candidate names; "
               f"a CLIP trained from scratch on {result.model.pairs} captioned images "
               f"in {result.seconds['train']:.0f} s", highlight=False)
-    _print_query_summary(result.query.summary, result.query.out_dir)
+    _print_query_summary(result.query.summary, result.query.run, result.query.out_dir)
     _print_occurrence_table(result.evaluation.metrics)
     print_evaluation(result.evaluation.metrics, result.evaluation.out_dir)
     out.print("seconds: " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in result.seconds.items()), highlight=False)
@@ -427,8 +427,21 @@ def names_cmd(
               f"in {result.seconds:.2f} s -> [bold]{result.path}[/]{excluded}", highlight=False, soft_wrap=True)
 
 
-def main() -> None:
-    app()
+def main() -> int:
+    """The console entry point. Usage errors (an unknown option, a value of the wrong type) are one line on
+    stderr and exit 2, like every other bad input; click would draw a box over several lines."""
+    # Typer vendors its own click: find its exception base through a class it exports.
+    click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        rv = app(standalone_mode=False, prog_name="idia-engine")
+    except click_error as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        err.print(Text(f"error: {' '.join(e.format_message().split())}{hint}"), soft_wrap=True, highlight=False)
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        return 130
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

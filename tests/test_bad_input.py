@@ -623,3 +623,19 @@ def test_bad_input(row: Row, tmp_path, built, monkeypatch):
     if row.id == "store-map-full":
         assert encode_counts(report) == (20, 0)
         assert (ctx.tmp / "store" / "data.mdb").stat().st_size > 16 << 10  # the map grew
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["query", "--top-k", "abc"], r"^error: Invalid value for '--top-k': .*\(see 'idia-engine query --help'\)$"),
+    (["query", "--device", "tpu"], r"^error: Invalid value for '--device': .*'tpu'"),
+    (["demo", "--no-such-option"], r"^error: No such option: --no-such-option"),
+    (["no-such-command"], r"^error: No such command 'no-such-command'"),
+    (["build-index"], r"^error: Missing argument 'names_file'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(argv, message, monkeypatch, capsys):
+    from idia_engine.cli.app import main
+
+    monkeypatch.setattr("sys.argv", ["idia-engine", *argv])
+    assert main() == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
