@@ -13,7 +13,9 @@ same batches as an uninterrupted run). An image has an embedding or a failure ma
 embedding written for it removes its marker. The b"x" key kind was added within schema 1: schema-1 readers
 only look up the b"e"/b"m" keys they know (exact keys and prefix ranges), so they ignore it, and the
 schema was not bumped. The map grows automatically when it fills up, also while other processes have
-the store open (they adopt the new size). Reads go in bounded chunks (`iter_embeddings`), so 10^6 images
+the store open (they adopt the new size). A new store gets its store.json before any LMDB file (published
+with link(2), so the first of several processes creating it at once wins and the others use it). Reads go
+in bounded chunks (`iter_embeddings`), so 10^6 images
 never need to fit in memory at once.
 
 Processes and threads. An LMDB environment must not be used, nor closed, in a process forked from the
@@ -42,6 +44,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -51,7 +54,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from .atomic import write_json_atomic
+from .atomic import TMP_MARK
 from .errors import ArtifactError, ManifestMismatchError
 from .versions import library_versions, utc_now
 
@@ -196,6 +199,7 @@ class EmbeddingStore:
             raise ArtifactError(f"embedding store {self.path} does not exist (opened read-only)")
         manifest = self.path / STORE_MANIFEST
         has_manifest = manifest.exists()
+        created = False  # store.json written by this call (taken back if LMDB then cannot open here)
         if has_manifest:
             try:
                 obj = json.loads(manifest.read_text(encoding="utf-8"))
@@ -206,10 +210,14 @@ class EmbeddingStore:
                     f"{self.path} is not an idia-engine embedding store of schema {STORE_SCHEMA_VERSION}; "
                     "pass another --store"
                 )
-        elif any(self.path.iterdir()):
+        elif any(TMP_MARK not in p.name for p in self.path.iterdir()):  # another process's temporary is fine
             raise ArtifactError(f"{self.path} is not empty and holds no {STORE_MANIFEST}; pass another --store")
         elif readonly:
             raise ArtifactError(f"{self.path} holds no embedding store ({STORE_MANIFEST}) to open read-only")
+        else:
+            # store.json first, the LMDB files after it: a process that finds this directory with files in
+            # it also finds store.json (two queries creating one store at once both succeed).
+            created = self._create_manifest(manifest)
         try:
             self._open_env()
         except (lmdb.Error, OSError) as e:
@@ -217,6 +225,8 @@ class EmbeddingStore:
             if reason is None:
                 raise ArtifactError(f"cannot open embedding store {self.path}: {e}") from e
             if not has_manifest:
+                if created:
+                    manifest.unlink(missing_ok=True)
                 raise ArtifactError(f"embedding store location {self.path} is not writable ({reason}) and holds "
                                     "no store yet; pass --store with a writable directory") from None
             log.info("embedding store %s cannot be written (%s): opening it read-only", self.path, reason)
@@ -225,17 +235,35 @@ class EmbeddingStore:
                 self._open_env()
             except (lmdb.Error, OSError) as e2:
                 raise ArtifactError(f"cannot open embedding store {self.path} read-only: {e2}") from e2
-        if not has_manifest:
-            try:
-                write_json_atomic(manifest, asdict(StoreManifest(
-                    schema_version=STORE_SCHEMA_VERSION, artifact=STORE_ARTIFACT, created_at=utc_now(),
-                    key_format=KEY_FORMAT, library_versions=library_versions(),
-                )))
-            except OSError as e:
-                self.close()
-                raise ArtifactError(f"cannot write {manifest} ({e.strerror or e}); "
-                                    "pass --store with a writable directory") from None
         _LIVE_STORES.add(self)
+
+    def _create_manifest(self, manifest: Path) -> bool:
+        """Write store.json unless another process just did (link(2) publishes it only if it is absent);
+        True if this call wrote it."""
+        data = json.dumps(asdict(StoreManifest(
+            schema_version=STORE_SCHEMA_VERSION, artifact=STORE_ARTIFACT, created_at=utc_now(),
+            key_format=KEY_FORMAT, library_versions=library_versions(),
+        )), indent=2) + "\n"
+        tmp = manifest.with_name(f".{manifest.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, manifest)
+                return True
+            except FileExistsError:
+                return False  # another process created the store first: use it
+        except OSError as e:
+            reason = _readonly_reason(e)
+            if reason is not None:
+                raise ArtifactError(f"embedding store location {self.path} is not writable ({reason}) and holds "
+                                    "no store yet; pass --store with a writable directory") from None
+            raise ArtifactError(f"cannot write {manifest} ({e.strerror or e}); "
+                                "pass --store with a writable directory") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # --- the environment of this process -------------------------------------------------------
 

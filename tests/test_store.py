@@ -616,3 +616,29 @@ def test_two_processes_grow_the_map_at_once(tmp_path):
             for b in range(30):
                 ids = range(start + b * 100, start + (b + 1) * 100)
                 np.testing.assert_array_equal(s.get_many(ns, [sha(i) for i in ids]), embeddings(100, 64, seed=start + b))
+
+
+def _open_at_once(path: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        with EmbeddingStore(Path(path)) as s:
+            s.namespace("ab" * 32, DIM)
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
+    # store.json goes in before the LMDB files: no process may find LMDB files without it ("not empty and
+    # holds no store.json"), which two queries starting on a fresh default store used to hit.
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(3):
+        path, barrier, results = tmp_path / f"store-{attempt}", ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(str(path), barrier, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert outcomes == ["ok"] * 6, outcomes
+        assert json.loads((path / STORE_MANIFEST).read_text())["artifact"] == STORE_ARTIFACT
