@@ -142,8 +142,9 @@ def hash_images(paths: list[Path]) -> tuple[list[str | None], list[Skipped]]:
 def load_rgb(path: Path) -> Image.Image:
     """Open an image with Pillow, first frame, converted to RGB. Raises on anything undecodable."""
     with warnings.catch_warnings():
-        # Pillow warns on large images before it errors on decompression bombs; the error is what counts.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Pillow only warns between its pixel limit and twice that, and errors beyond. Past the limit is a
+        # decompression bomb here either way: refusing it costs nothing, decoding it can cost gigabytes.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.seek(0)
             img.load()
@@ -172,7 +173,7 @@ class ImageDataset(torch.utils.data.Dataset):
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             pixels = self.preprocess(load_rgb(path))
             return pixels, sha, str(path), None
-        except Image.DecompressionBombError as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return None, sha, str(path), f"decompression bomb refused by Pillow ({e})"
         except Exception as e:  # noqa: BLE001 - any decoder failure skips this file only
             return None, sha, str(path), f"not a decodable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"

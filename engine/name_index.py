@@ -68,7 +68,7 @@ from .faults import fault_point
 from .locks import exclusive_lock, shared_lock, try_exclusive
 from .names import NameList, read_names
 from .progress import Progress, no_progress
-from .prompt_lengths import check_prompt_lengths
+from .prompt_lengths import case_twins, check_prompt_lengths
 from .templates import PAPER_TEMPLATES, render
 from .textfiles import read_artifact_json
 from .versions import library_versions, utc_now
@@ -422,6 +422,12 @@ def _build_locked(config: BuildConfig, name_list: NameList, progress: Progress,
     for line in lengths.warning_lines():
         log.warning("%s: %s", config.names_file, line)
     prompt_lengths = {k: v for k, v in lengths.to_json().items() if k != "seconds"}
+    twins = case_twins(model.tokenizer, names)
+    if twins:
+        log.warning("%s: %d name(s) differ from an earlier one only in letter case (e.g. %r and %r); the model's "
+                    "tokenizer lower-cases, so their prompts are identical and they tie on every image",
+                    config.names_file, len(twins), *twins[0])
+    prompt_lengths["case_twins"] = len(twins)
 
     names_bytes = _names_bytes(names)
     names_sha = hashlib.sha256(names_bytes).hexdigest()

@@ -6,6 +6,7 @@ import random
 import time
 from collections import defaultdict
 
+import numpy as np
 import open_clip
 import pytest
 
@@ -142,3 +143,17 @@ def test_a_tokenizer_without_token_counts_is_skipped_with_a_reason():
     report = check_prompt_lengths(lambda texts, context_length=None: None, TEMPLATES, ["Anna"], 77)
     assert report.method == "skipped" and "function" in report.skipped_reason
     assert report.warning_lines() == [f"prompt lengths not checked: {report.skipped_reason}"]
+
+
+def test_case_twins_only_for_a_lower_casing_tokenizer():
+    from idia_engine.engine.prompt_lengths import case_twins
+
+    names = ["Anna Smith", "Bob Jones", "ANNA SMITH", "anna smith", "Bob jones"]
+    clip = open_clip.get_tokenizer("ViT-B-32")  # lower-cases
+    assert case_twins(clip, names) == [("Anna Smith", "ANNA SMITH"), ("Anna Smith", "anna smith"),
+                                       ("Bob Jones", "Bob jones")]
+
+    def case_sensitive(texts):
+        return np.array([[ord(c) for c in t.ljust(8)[:8]] for t in texts])
+    assert not (case_sensitive(["Ab Cd"]) == case_sensitive(["ab cd"])).all()  # the probe runs for real
+    assert case_twins(case_sensitive, names) == []
