@@ -198,26 +198,29 @@ class EmbeddingStore:
         elif not self.path.is_dir():
             raise ArtifactError(f"embedding store {self.path} does not exist (opened read-only)")
         manifest = self.path / STORE_MANIFEST
-        has_manifest = manifest.exists()
         created = False  # store.json written by this call (taken back if LMDB then cannot open here)
-        if has_manifest:
-            try:
-                obj = json.loads(manifest.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ArtifactError(f"{manifest} is not valid JSON ({e})") from None
-            if not isinstance(obj, dict) or obj.get("artifact") != STORE_ARTIFACT or obj.get("schema_version") != STORE_SCHEMA_VERSION:
-                raise ArtifactError(
-                    f"{self.path} is not an idia-engine embedding store of schema {STORE_SCHEMA_VERSION}; "
-                    "pass another --store"
-                )
-        elif any(TMP_MARK not in p.name for p in self.path.iterdir()):  # another process's temporary is fine
-            raise ArtifactError(f"{self.path} is not empty and holds no {STORE_MANIFEST}; pass another --store")
-        elif readonly:
-            raise ArtifactError(f"{self.path} holds no embedding store ({STORE_MANIFEST}) to open read-only")
-        else:
-            # store.json first, the LMDB files after it: a process that finds this directory with files in
-            # it also finds store.json (two queries creating one store at once both succeed).
-            created = self._create_manifest(manifest)
+        if not manifest.exists():
+            # store.json first, the LMDB files after it: a process that lists LMDB files here finds
+            # store.json too when it looks again (two queries creating one store at once both succeed).
+            foreign = [q for q in self.path.iterdir() if TMP_MARK not in q.name and q.name != STORE_MANIFEST]
+            if manifest.exists():
+                pass  # another process has just created the store
+            elif foreign:
+                raise ArtifactError(f"{self.path} is not empty and holds no {STORE_MANIFEST}; pass another --store")
+            elif readonly:
+                raise ArtifactError(f"{self.path} holds no embedding store ({STORE_MANIFEST}) to open read-only")
+            else:
+                created = self._create_manifest(manifest)
+        has_manifest = not created  # a store was there before this call
+        try:
+            obj = json.loads(manifest.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{manifest} is not valid JSON ({e})") from None
+        if not isinstance(obj, dict) or obj.get("artifact") != STORE_ARTIFACT or obj.get("schema_version") != STORE_SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{self.path} is not an idia-engine embedding store of schema {STORE_SCHEMA_VERSION}; "
+                "pass another --store"
+            )
         try:
             self._open_env()
         except (lmdb.Error, OSError) as e:

@@ -632,7 +632,7 @@ def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
     # store.json goes in before the LMDB files: no process may find LMDB files without it ("not empty and
     # holds no store.json"), which two queries starting on a fresh default store used to hit.
     ctx = multiprocessing.get_context("fork")
-    for attempt in range(3):
+    for attempt in range(12):
         path, barrier, results = tmp_path / f"store-{attempt}", ctx.Barrier(6), ctx.Queue()
         procs = [ctx.Process(target=_open_at_once, args=(str(path), barrier, results)) for _ in range(6)]
         for p in procs:
