@@ -4,6 +4,8 @@ The crash tests (tests/test_crash.py) run the real CLI in a subprocess with
 
     IDIA_FAULT="<point>:<n>:kill"           SIGKILL this process the n-th time <point> is reached
     IDIA_FAULT="<point>:<n>:sleep=<s>"      sleep s seconds there (to make a race happen on purpose)
+    IDIA_FAULT="<point>:<n>:wait=<file>"    wait there until <file> exists (at most 10 minutes): the test
+                                            lets the process go on once the other side of the race is done
 
 (several, comma-separated). SIGKILL is the real thing: no `finally`, no atexit, no flush; exactly what
 `kill -9` or the OOM killer does. Deterministic points make each test hit the moment it means to, which a
@@ -43,7 +45,7 @@ def _plan() -> dict[str, list[tuple[int, str]]]:
                 point, n, action = part.split(":", 2)
                 plan.setdefault(point, []).append((int(n), action))
             except ValueError:
-                raise ValueError(f"{ENV}={raw!r}: {part!r} is not <point>:<n>:kill or <point>:<n>:sleep=<s>") from None
+                raise ValueError(f"{ENV}={raw!r}: {part!r} is not <point>:<n>:<kill|sleep=<s>|wait=<file>>") from None
         _parsed = (raw, plan)
     return _parsed[1]
 
@@ -61,5 +63,9 @@ def fault_point(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif action.startswith("sleep="):
             time.sleep(float(action.split("=", 1)[1]))
+        elif action.startswith("wait="):
+            deadline = time.monotonic() + 600
+            while not os.path.exists(action.split("=", 1)[1]) and time.monotonic() < deadline:
+                time.sleep(0.01)
         else:
-            raise ValueError(f"{ENV}: unknown action {action!r} at {point} (kill or sleep=<seconds>)")
+            raise ValueError(f"{ENV}: unknown action {action!r} at {point} (kill, sleep=<s> or wait=<file>)")

@@ -234,11 +234,14 @@ def test_a_query_during_build_index_overwrite_sees_the_old_index_whole(tmp_path,
     old = json.loads((idx / "manifest.json").read_text())
     readers_lock = idx / old["data_dir"] / ".readers.lock"
 
-    # The query opens the index, then pauses 8 s (a fault point) with the old generation pinned.
+    # The query opens the index, then waits (a fault point) with the old generation pinned until the
+    # overwriting build has finished.
+    go_on = tmp_path / "go-on"
     query = _cli("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r", "--store", tmp_path / "s",
-                 "-q", fault="query.index.opened:1:sleep=8", wait=False)
+                 "-q", fault=f"query.index.opened:1:wait={go_on}", wait=False)
     _wait_for(lambda: _locked_by_someone(readers_lock), "the query to pin the old index", query)
     rebuilt = _cli(*build[:1], new_names, *build[1:], "--overwrite")  # runs to the end meanwhile
+    go_on.touch()
     assert rebuilt.returncode == 0, rebuilt.stderr
     new = json.loads((idx / "manifest.json").read_text())
     assert new["build_id"] != old["build_id"]
@@ -265,9 +268,11 @@ def test_a_second_build_of_the_same_index_dir_is_refused_while_the_first_runs(tm
     idx = tmp_path / "idx"
     build = ["build-index", world["names_file"], "--index-dir", idx, "--model", config, "--pretrained", ckpt,
              "--batch-size", 8, "-q"]
-    first = _cli(*build, fault="build.encode.committed:1:sleep=6", wait=False)
+    go_on = tmp_path / "go-on"
+    first = _cli(*build, fault=f"build.encode.committed:1:wait={go_on}", wait=False)
     _wait_for(lambda: any(idx.glob(".build-*/progress.json")), "the first build to commit", first)
     second = _cli(*build)
+    go_on.touch()
     assert second.returncode == 1
     assert "in use by another process (pid" in second.stderr and len(second.stderr.strip().splitlines()) == 1
     _, stderr = first.communicate(timeout=300)
