@@ -437,6 +437,9 @@ def _build_locked(config: BuildConfig, name_list: NameList, progress: Progress,
         return finished
     build_dir = index_dir / f"{BUILD_PREFIX}{key}"
     build_dir.mkdir(exist_ok=True)
+    for leftover in build_dir.rglob(f"*{TMP_MARK}*"):  # half-written files of a killed run (atomic writes)
+        if leftover.is_file():
+            leftover.unlink()
     state = _read_progress(build_dir, key, len(templates))
     reused = sum(state["rows"])  # committed rows of an earlier, interrupted run of this same build
     resumed = reused > 0
@@ -483,7 +486,8 @@ def _build_locked(config: BuildConfig, name_list: NameList, progress: Progress,
         t_index += time.perf_counter() - t1
     (build_dir / PROGRESS_FILE).unlink()
     (build_dir / READERS_LOCK).touch()  # queries pin this generation with it (not a data file)
-    data_files = sorted(p for p in build_dir.rglob("*") if p.is_file() and p.name != READERS_LOCK)
+    data_files = sorted(p for p in build_dir.rglob("*")
+                        if p.is_file() and p.name != READERS_LOCK and TMP_MARK not in p.name)
     files = {p.relative_to(build_dir).as_posix(): p.stat().st_size for p in data_files}
     for p in data_files:  # data on disk before the manifest points at it
         with open(p, "rb") as f:

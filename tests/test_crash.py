@@ -130,6 +130,9 @@ def test_build_killed_while_encoding_resumes_and_matches(setup, tmp_path, point,
     assert not (idx / "manifest.json").exists()
     committed = committed_prompts(idx)
     assert 0 < committed < NAMES * len(TEMPLATES)
+    # What a kill in the middle of an atomic write leaves: its temporary file (the rerun must drop it).
+    (build_dir,) = idx.glob(".build-*")
+    (build_dir / ".progress.json.tmp-0000dead").write_text('{"key": "half-writ', encoding="utf-8")
     run_cli(*setup["build"], "--index-dir", idx)
     assert manifest(idx)["encode"]["prompts_reused"] == committed  # nothing committed was encoded again
     assert_same_index(idx, setup["ref_idx"])
