@@ -195,6 +195,9 @@ def _remove_stale_builds(index_dir: Path, keep: str | None) -> None:
     """Delete data directories no manifest refers to (old builds, crashed builds), except generations that
     a running query still reads (it holds their .readers.lock): a later build removes those."""
     for p in index_dir.iterdir():
+        if p.is_file() and TMP_MARK in p.name:  # a manifest write cut short by a kill (we hold the build lock)
+            p.unlink(missing_ok=True)
+            continue
         stale_data = p.name.startswith("data-") and p.name != keep
         crashed = p.name.startswith(".data-") and TMP_MARK in p.name
         unfinished = p.name.startswith(BUILD_PREFIX)  # another input's interrupted build, now superseded

@@ -159,9 +159,11 @@ def test_build_killed_after_the_manifest_reruns_as_a_no_op(setup, tmp_path):
     proc = run_cli(*setup["build"], "--index-dir", idx, fault="build.manifest.written:1:kill", check=False)
     assert killed(proc)
     build_id = manifest(idx)["build_id"]
+    (idx / ".manifest.json.tmp-0000dead").write_text("{", encoding="utf-8")  # a manifest write cut short
     rerun = run_cli(*setup["build"], "--index-dir", idx, "-v")
     assert "already holds this build" in rerun.stderr
     assert manifest(idx)["build_id"] == build_id
+    assert not (idx / ".manifest.json.tmp-0000dead").exists()
     assert_same_index(idx, setup["ref_idx"])
     other = setup["root"] / "other-names.txt"
     other.write_text("Ada Lovelace\nAlan Turing\n", encoding="utf-8")
