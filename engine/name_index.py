@@ -662,18 +662,12 @@ def open_index(index_dir: Path) -> NameIndex:
                 os.close(lock_fd)
             # A build may have replaced (and removed) this generation between our reading the manifest and
             # locking it: read the manifest again. An index that stays broken is reported as it is.
-            if attempt < 4 and _manifest_build_id(path) not in (None, manifest.build_id):
+            current = _existing_manifest(root)
+            if attempt < 4 and current is not None and current["build_id"] != manifest.build_id:
                 continue
             raise
         return NameIndex(root, manifest, names, lock_fd)
     raise ArtifactError(f"index dir {root} kept changing while it was opened (builds running?); try again")
-
-
-def _manifest_build_id(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("build_id")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _verify_data(manifest: IndexManifest, data: Path) -> list[str]:
@@ -684,7 +678,10 @@ def _verify_data(manifest: IndexManifest, data: Path) -> list[str]:
             raise ArtifactError(f"index file {p} is missing; rebuild the index")
         if p.stat().st_size != size:
             raise ArtifactError(f"index file {p} has {p.stat().st_size} bytes, the manifest says {size}; rebuild the index")
-    names_bytes = (data / NAMES_FILE).read_bytes()
+    try:
+        names_bytes = (data / NAMES_FILE).read_bytes()
+    except OSError as e:  # removed between the checks above and now (a build replaced this generation)
+        raise ArtifactError(f"{data / NAMES_FILE} cannot be read ({e.strerror or e}); rebuild the index") from None
     if hashlib.sha256(names_bytes).hexdigest() != manifest.names_sha256:
         raise ArtifactError(f"{data / NAMES_FILE} does not match the manifest's checksum; rebuild the index")
     names = names_bytes.decode("utf-8").split("\n")[:-1]

@@ -154,17 +154,16 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_parent() -> None:
-    held, _HELD_FOR_FORK[:] = list(_HELD_FOR_FORK), []
-    for store in held:
+    for store in _HELD_FOR_FORK:
         store._release_after_fork(child=False)
+    _HELD_FOR_FORK.clear()
     _FORK_LOCK.release()
 
 
 def _after_fork_in_child() -> None:
-    held, _HELD_FOR_FORK[:] = list(_HELD_FOR_FORK), []
-    for store in list(_LIVE_STORES):
+    _HELD_FOR_FORK.clear()
+    for store in list(_LIVE_STORES):  # every store: the child starts with fresh locks and counts
         store._release_after_fork(child=True)
-    del held
     _FORK_LOCK.release()
 
 
