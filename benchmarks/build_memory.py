@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from idia_engine.engine.model import ModelInfo, Precision
-from idia_engine.engine.name_index import BuildConfig, build_index
-from idia_engine.engine.namegen import generate_names
-from idia_engine.engine.templates import PAPER_TEMPLATES
+from idia_engine.engine.candidates.made_up import generate_names
+from idia_engine.engine.candidates.templates import PAPER_TEMPLATES
+from idia_engine.engine.index.build import BuildConfig, build_index
+from idia_engine.engine.model.load import ModelInfo, Precision
 
 
 @dataclass

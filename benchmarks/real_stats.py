@@ -43,9 +43,9 @@ def neighbour_stats(views: np.ndarray, first: np.ndarray, last: np.ndarray) -> d
 
 def real_stats(model_dir: Path, num_names: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Encode `num_names` census names x 21 templates with the demo model in `model_dir`."""
-    from idia_engine.engine.model import ModelSpec, load_model
-    from idia_engine.engine.namegen import generate_names
-    from idia_engine.engine.templates import PAPER_TEMPLATES
+    from idia_engine.engine.candidates.made_up import generate_names
+    from idia_engine.engine.candidates.templates import PAPER_TEMPLATES
+    from idia_engine.engine.model.load import ModelSpec, load_model
 
     model = load_model(ModelSpec(model=str(Path(model_dir) / "model-config.json"),
                                  pretrained=str(Path(model_dir) / "checkpoint.pt")), device="cpu")

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from idia_engine.engine.attack import paper_mode_votes
+from idia_engine.engine.disk.versions import library_versions, utc_now
 from idia_engine.engine.errors import InputError
-from idia_engine.engine.versions import library_versions, utc_now
+from idia_engine.engine.query.votes import paper_mode_votes
 from idia_engine.indexes import get_backend
 from idia_engine.indexes.choice import estimate_index_bytes, ivf_nlist
 from idia_engine.indexes.ensemble import TemplateEnsemble
@@ -322,9 +322,10 @@ def text_encoder_bench(prompts: int, device: str) -> dict[str, Any]:
     """Stock open_clip `encode_text` vs the engine's TextEncoder on a randomly initialised ViT-B-32."""
     import open_clip
     import torch
-    from idia_engine.engine.namegen import generate_names
-    from idia_engine.engine.templates import PAPER_TEMPLATES
-    from idia_engine.engine.text_encoder import benchmark_text_encoder
+    from idia_engine.engine.candidates.made_up import generate_names
+    from idia_engine.engine.candidates.templates import PAPER_TEMPLATES
+
+    from .text_encoder import benchmark_text_encoder
 
     dev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
+from idia_engine.engine.errors import IdiaError
+from idia_engine.engine.model.load import DEFAULT_MODEL, DEFAULT_PRETRAINED, DeviceChoice, ModelSpec, Precision
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
-
-from idia_engine.engine.errors import IdiaError
-from idia_engine.engine.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, DeviceChoice, ModelSpec, Precision
 
 app = typer.Typer(
     name="idia-engine",
@@ -130,8 +129,8 @@ def build_index_cmd(
     quiet: bool = QuietOpt,
 ) -> None:
     """Encode every (template, name) prompt once and store the embeddings in a FAISS index (resumable: rerun after an interrupt)."""
-    from idia_engine.engine.name_index import BuildConfig, build_index
-    from idia_engine.engine.templates import PAPER_TEMPLATES, load_templates
+    from idia_engine.engine.candidates.templates import PAPER_TEMPLATES, load_templates
+    from idia_engine.engine.index.build import BuildConfig, build_index
 
     _setup_logging(verbose)
     with _errors_to_exit():
@@ -202,7 +201,7 @@ def query_cmd(
     quiet: bool = QuietOpt,
 ) -> None:
     """Embed each person's photos, search the name index per template, and decide membership (paper mode)."""
-    from idia_engine.engine.query import QueryConfig, run_query
+    from idia_engine.engine.query.run import QueryConfig, run_query
 
     _setup_logging(verbose)
     with _errors_to_exit():
@@ -250,7 +249,7 @@ def demo_cmd(
     quiet: bool = QuietOpt,
 ) -> None:
     """Offline: make a synthetic world, train a small CLIP that knows its members, and run the attack on it."""
-    from idia_engine.engine.demo import SMALL_DEMO, DemoConfig, run_demo
+    from idia_engine.engine.demo.run import SMALL_DEMO, DemoConfig, run_demo
 
     _setup_logging(verbose)
     with _errors_to_exit():
@@ -302,7 +301,7 @@ def evaluate_cmd(
     quiet: bool = QuietOpt,
 ) -> None:
     """The paper's evaluation protocol from a report's cached predictions: rates per n, ROC, AUC, TPR at low FPR."""
-    from idia_engine.engine.evaluate import PAPER_N_VALUES, EvalConfig, evaluate_report
+    from idia_engine.engine.evaluate.protocol import PAPER_N_VALUES, EvalConfig, evaluate_report
 
     _setup_logging(verbose)
     with _errors_to_exit():
@@ -414,7 +413,7 @@ def names_cmd(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens (INFO level).")] = False,
 ) -> None:
     """Write made-up "First Last" candidate names: top-K census first names per sex x top-K surnames, half per sex."""
-    from idia_engine.engine.namegen import NamesConfig, write_made_up_names
+    from idia_engine.engine.candidates.made_up import NamesConfig, write_made_up_names
 
     _setup_logging(verbose)
     with _errors_to_exit():

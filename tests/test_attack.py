@@ -14,8 +14,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from idia_engine.engine.attack import NO_MODE, paper_mode_votes
+from idia_engine.engine.query.votes import NO_MODE, paper_mode_votes
 
 N_PAPER_TEMPLATES = 21
 

@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import idia_engine.engine.query.store as store_mod
 import numpy as np
 import pytest
+from idia_engine.cli.app import app
+from idia_engine.engine.demo.synthetic import write_tiny_model
 from PIL import Image
 from typer.testing import CliRunner
-
-import idia_engine.engine.store as store_mod
-from idia_engine.cli.app import app
-from idia_engine.engine.synthetic import write_tiny_model
 
 runner = CliRunner()
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -627,7 +626,7 @@ def test_bad_input(row: Row, tmp_path, built, monkeypatch):
         assert summary["persons_without_images"] == ["Nobody Here"]
     if row.id == "store-of-another-model":
         assert encode_counts(report) == (6, 0)  # nothing taken from the other model's embeddings
-        from idia_engine.engine.store import EmbeddingStore
+        from idia_engine.engine.query.store import EmbeddingStore
 
         with EmbeddingStore(ctx.tmp / "store") as s, s.env.begin() as txn:
             metas = [bytes(k) for k, _ in txn.cursor() if bytes(k).startswith(b"m")]

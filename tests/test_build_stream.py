@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
-
-from idia_engine.engine import name_index
-from idia_engine.engine.model import load_model
-from idia_engine.engine.name_index import BuildConfig, build_index, open_index, vectors_file
-from idia_engine.engine.query import QueryConfig, run_query
-from idia_engine.engine.report import load_predictions
-from idia_engine.engine.synthetic import tiny_names
+from idia_engine.engine.demo.synthetic import tiny_names
+from idia_engine.engine.index import build as name_index
+from idia_engine.engine.index.build import BuildConfig, build_index, open_index, vectors_file
+from idia_engine.engine.model.load import load_model
+from idia_engine.engine.query.report import load_predictions
+from idia_engine.engine.query.run import QueryConfig, run_query
 
 TWO_TEMPLATES = ("a photo of {0}", "{0} at a gala")
 

@@ -16,13 +16,13 @@ import threading
 import time
 from pathlib import Path
 
-import idia_engine.engine.store as store_mod
+import idia_engine.engine.query.store as store_mod
 import numpy as np
 import pytest
 from idia_engine.cli.app import app
-from idia_engine.engine.images import collect_from_folder, hash_images
-from idia_engine.engine.store import EmbeddingStore
-from idia_engine.engine.synthetic import write_faces
+from idia_engine.engine.demo.synthetic import write_faces
+from idia_engine.engine.query.images import collect_from_folder, hash_images
+from idia_engine.engine.query.store import EmbeddingStore
 from typer.testing import CliRunner
 
 DIM = 32

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from idia_engine.engine.synthetic import tiny_names, write_faces
+from idia_engine.engine.demo.synthetic import tiny_names, write_faces
 
 pytestmark = pytest.mark.slow
 

@@ -38,7 +38,7 @@ from idia_engine.engine.errors import (
     IdiaError,
     InputError,
 )
-from idia_engine.engine.evaluate import (
+from idia_engine.engine.evaluate.protocol import (
     NOT_A_CANDIDATE,
     PAPER_N_VALUES,
     EvalConfig,
@@ -50,8 +50,8 @@ from idia_engine.engine.evaluate import (
     roc_auc,
     threshold_counts,
 )
-from idia_engine.engine.labels import read_label_table, read_labels
-from idia_engine.engine.report import (
+from idia_engine.engine.query.labels import read_label_table, read_labels
+from idia_engine.engine.query.report import (
     REPORT_ARTIFACT,
     REPORT_SCHEMA_VERSION,
     write_images_csv,

@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from idia_engine.cli.app import app
-from idia_engine.engine.report import load_predictions
+from idia_engine.engine.query.report import load_predictions
+from typer.testing import CliRunner
 
 runner = CliRunner()
 has_cuda = torch.cuda.is_available()

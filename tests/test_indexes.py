@@ -16,7 +16,6 @@ import faiss
 import numpy as np
 import pytest
 import torch
-
 from idia_engine.engine.errors import IdiaError
 from idia_engine.indexes import as_vectors, backend_kinds, get_backend, sort_topk
 from idia_engine.indexes.base import NameIndexBackend, UnknownBackendError, VectorFormatError

@@ -13,19 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
+from idia_engine.engine.candidates.names_file import read_names
+from idia_engine.engine.candidates.templates import PAPER_TEMPLATES, load_templates, normalize_template, render
 from idia_engine.engine.errors import IdiaError, InputError
-from idia_engine.engine.images import (
+from idia_engine.engine.query.images import (
     ImageDataset,
     collate_images,
     collect_from_csv,
     collect_from_folder,
     hash_images,
 )
-from idia_engine.engine.labels import read_labels
-from idia_engine.engine.names import read_names
-from idia_engine.engine.templates import PAPER_TEMPLATES, load_templates, normalize_template, render
+from idia_engine.engine.query.labels import read_labels
+from PIL import Image
 
 
 def raises_input_error(fn, *args, must_name: list[str]) -> str:
@@ -542,7 +541,7 @@ def test_collect_from_csv_names_differ_only_in_case(tmp_path):
 
 def test_unreadable_text_inputs_are_input_errors(tmp_path, monkeypatch):
     # chmod 000 does not stop root: make the read itself fail, as it does for a user without permission.
-    import idia_engine.engine.names as names_mod
+    import idia_engine.engine.candidates.names_file as names_mod
 
     f = write(tmp_path / "names.txt", "Anna\n")
 

@@ -12,9 +12,8 @@ from collections import Counter
 import numpy as np
 import pytest
 from idia_engine.cli.app import app
-from idia_engine.engine import namegen
-from idia_engine.engine.errors import ArtifactExistsError, InputError
-from idia_engine.engine.namegen import (
+from idia_engine.engine.candidates import made_up as namegen
+from idia_engine.engine.candidates.made_up import (
     NamesConfig,
     Sex,
     census_title,
@@ -22,7 +21,8 @@ from idia_engine.engine.namegen import (
     load_census_lists,
     write_made_up_names,
 )
-from idia_engine.engine.names import read_names
+from idia_engine.engine.candidates.names_file import read_names
+from idia_engine.engine.errors import ArtifactExistsError, InputError
 from typer.testing import CliRunner
 
 runner = CliRunner()

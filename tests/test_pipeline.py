@@ -11,12 +11,11 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from idia_engine.cli.app import app
+from idia_engine.engine.candidates.templates import PAPER_TEMPLATES
+from idia_engine.engine.query.report import load_predictions
 from PIL import Image
 from typer.testing import CliRunner
-
-from idia_engine.cli.app import app
-from idia_engine.engine.report import load_predictions
-from idia_engine.engine.templates import PAPER_TEMPLATES
 
 runner = CliRunner()
 
@@ -237,7 +236,7 @@ def test_overwrite_and_a_crashed_build_leave_a_loadable_index(tmp_path, world, t
 
 
 def test_interrupted_encoding_resumes_after_the_last_committed_batch(tmp_path, world, tiny_model_files, monkeypatch):
-    from idia_engine.engine.model import LoadedModel
+    from idia_engine.engine.model.load import LoadedModel
 
     idx = tmp_path / "idx"
     ok("build-index", world["names_file"], "--index-dir", idx, *model_args(tiny_model_files), "-q")
@@ -260,7 +259,7 @@ def test_interrupted_encoding_resumes_after_the_last_committed_batch(tmp_path, w
 
 
 def test_weights_changed_after_build_fail_fast(tmp_path, world):
-    from idia_engine.engine.synthetic import write_tiny_model
+    from idia_engine.engine.demo.synthetic import write_tiny_model
 
     config, ckpt = write_tiny_model(tmp_path / "m", seed=3)
     idx = tmp_path / "idx"

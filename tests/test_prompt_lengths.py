@@ -9,11 +9,10 @@ from collections import defaultdict
 import numpy as np
 import open_clip
 import pytest
-
-from idia_engine.engine.namegen import generate_names
-from idia_engine.engine.prompt_lengths import check_prompt_lengths
-from idia_engine.engine.synthetic import TINY_MODEL_CONFIG, tiny_names
-from idia_engine.engine.templates import PAPER_TEMPLATES, render
+from idia_engine.engine.candidates.made_up import generate_names
+from idia_engine.engine.candidates.prompt_lengths import check_prompt_lengths
+from idia_engine.engine.candidates.templates import PAPER_TEMPLATES, render
+from idia_engine.engine.demo.synthetic import TINY_MODEL_CONFIG, tiny_names
 
 TEMPLATES = list(PAPER_TEMPLATES)
 GLUED = ["{0}'s photo", "({0})", "photo:{0}.jpg"]  # the placeholder touching other characters
@@ -146,7 +145,7 @@ def test_a_tokenizer_without_token_counts_is_skipped_with_a_reason():
 
 
 def test_case_twins_only_for_a_lower_casing_tokenizer():
-    from idia_engine.engine.prompt_lengths import case_twins
+    from idia_engine.engine.candidates.prompt_lengths import case_twins
 
     names = ["Anna Smith", "Bob Jones", "ANNA SMITH", "anna smith", "Bob jones"]
     clip = open_clip.get_tokenizer("ViT-B-32")  # lower-cases

@@ -10,12 +10,12 @@ import multiprocessing
 import os
 from pathlib import Path
 
-import idia_engine.engine.store as store_mod
+import idia_engine.engine.query.store as store_mod
 import lmdb
 import numpy as np
 import pytest
 from idia_engine.engine.errors import ArtifactError, ManifestMismatchError
-from idia_engine.engine.store import (
+from idia_engine.engine.query.store import (
     STORE_ARTIFACT,
     STORE_MANIFEST,
     STORE_SCHEMA_VERSION,

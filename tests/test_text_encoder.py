@@ -15,13 +15,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from idia_engine.engine.model import LoadedModel, Precision, load_model
-from idia_engine.engine.synthetic import TINY_MODEL_CONFIG, tiny_names
-from idia_engine.engine.templates import PAPER_TEMPLATES, render
-from idia_engine.engine.text_encoder import (
+from idia_engine.benchmarks.text_encoder import benchmark_text_encoder
+from idia_engine.engine.candidates.templates import PAPER_TEMPLATES, render
+from idia_engine.engine.demo.synthetic import TINY_MODEL_CONFIG, tiny_names
+from idia_engine.engine.model.load import LoadedModel, Precision, load_model
+from idia_engine.engine.model.text_encoder import (
     TextEncoder,
     TextPath,
-    benchmark_text_encoder,
     plan_batches,
     pooled_positions,
 )
@@ -208,7 +208,7 @@ def _override_encode_text(model):
         "own-encode-text"])
 def test_unsupported_towers_use_the_stock_path(tokens, caplog, build, reason):
     model = build()
-    with caplog.at_level(logging.INFO, logger="idia_engine.engine.text_encoder"):
+    with caplog.at_level(logging.INFO, logger="idia_engine.engine.model.text_encoder"):
         encoder = TextEncoder(model)
     assert encoder.path is TextPath.STOCK
     assert reason in encoder.reason

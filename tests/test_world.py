@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 from idia_engine.cli.app import app
-from idia_engine.engine.demo import SMALL_DEMO
-from idia_engine.engine.templates import PAPER_TEMPLATES
-from idia_engine.engine.training import TrainConfig, train_clip_on_world
-from idia_engine.engine.world import (
+from idia_engine.engine.candidates.templates import PAPER_TEMPLATES
+from idia_engine.engine.demo.run import SMALL_DEMO
+from idia_engine.engine.demo.training import TrainConfig, train_clip_on_world
+from idia_engine.engine.demo.world import (
     TRAINING_CAPTIONS,
     WorldConfig,
     make_world,

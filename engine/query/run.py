@@ -31,10 +31,19 @@ import numpy as np
 import torch
 from idia_engine.indexes import Exactness, search_exact, sort_topk
 
-from .atomic import staged_directory
-from .attack import PaperModeVotes, paper_mode_votes
-from .errors import InputError
-from .faults import fault_point
+from ..disk.atomic import staged_directory
+from ..disk.faults import fault_point
+from ..disk.versions import library_versions, utc_now
+from ..errors import InputError
+from ..index.build import (
+    DEFAULT_STORE_NAME,
+    ENSEMBLE_KIND,
+    NameIndex,
+    encode_name_prompts,
+    open_index,
+)
+from ..model.load import DeviceChoice, LoadedModel, Precision, load_model
+from ..progress import Progress, no_progress
 from .images import (
     ImageCollection,
     ImageDataset,
@@ -46,15 +55,6 @@ from .images import (
 )
 from .labels import read_labels
 from .metrics import confusion_metrics
-from .model import DeviceChoice, LoadedModel, Precision, load_model
-from .name_index import (
-    DEFAULT_STORE_NAME,
-    ENSEMBLE_KIND,
-    NameIndex,
-    encode_name_prompts,
-    open_index,
-)
-from .progress import Progress, no_progress
 from .report import (
     FILE_DESCRIPTIONS,
     PREDICTIONS,
@@ -68,7 +68,7 @@ from .report import (
     write_summary,
 )
 from .store import EmbeddingStore
-from .versions import library_versions, utc_now
+from .votes import PaperModeVotes, paper_mode_votes
 
 log = logging.getLogger(__name__)
 

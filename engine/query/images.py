@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 from PIL import Image, ImageFile
 
-from .errors import InputError
-from .names import check_name, normalize_name
-from .textfiles import iter_csv_rows
+from ..candidates.names_file import check_name, normalize_name
+from ..disk.textfiles import iter_csv_rows
+from ..errors import InputError
 
 
 @dataclass(frozen=True)

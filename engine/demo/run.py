@@ -23,13 +23,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ArtifactExistsError, InputError
-from .evaluate import EvalConfig, EvalResult, evaluate_report
-from .model import ModelSpec
-from .name_index import BuildConfig, IndexManifest, build_index
-from .namegen import generate_names
-from .progress import Progress, no_progress
-from .query import QueryConfig, QueryResult, run_query
+from ..candidates.made_up import generate_names
+from ..errors import ArtifactExistsError, InputError
+from ..evaluate.protocol import EvalConfig, EvalResult, evaluate_report
+from ..index.build import BuildConfig, IndexManifest, build_index
+from ..model.load import ModelSpec
+from ..progress import Progress, no_progress
+from ..query.run import QueryConfig, QueryResult, run_query
 from .training import TrainConfig, TrainedModel, train_clip_on_world
 from .world import World, WorldConfig, make_world, write_heldout_faces, write_labels
 

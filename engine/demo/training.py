@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_json_atomic
-from .progress import Progress, no_progress
+from ..disk.atomic import write_json_atomic
+from ..progress import Progress, no_progress
 from .world import World
 
 # The demo's model: a CLIP with small ViT towers (32x32 images in 8x8 patches, 64-wide, 3 layers each)

@@ -44,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text_atomic
-from .errors import ArtifactExistsError, InputError, NameDataError
-from .names import normalize_name, read_names
+from ..disk.atomic import write_text_atomic
+from ..errors import ArtifactExistsError, InputError, NameDataError
+from .names_file import normalize_name, read_names
 
 log = logging.getLogger(__name__)
 

@@ -48,15 +48,22 @@ from typing import Any
 import numpy as np
 from idia_engine.indexes import NameIndexBackend, get_backend
 
-from .atomic import TMP_MARK, write_bytes_atomic, write_json_atomic
-from .errors import (
+from ..candidates.names_file import NameList, read_names
+from ..candidates.prompt_lengths import case_twins, check_prompt_lengths
+from ..candidates.templates import PAPER_TEMPLATES, render
+from ..disk.atomic import TMP_MARK, write_bytes_atomic, write_json_atomic
+from ..disk.faults import fault_point
+from ..disk.locks import exclusive_lock, shared_lock, try_exclusive
+from ..disk.textfiles import read_artifact_json
+from ..disk.versions import library_versions, utc_now
+from ..errors import (
     ArtifactError,
     ArtifactExistsError,
     IdiaError,
     InputError,
     ManifestMismatchError,
 )
-from .model import (
+from ..model.load import (
     DeviceChoice,
     LoadedModel,
     ModelInfo,
@@ -64,14 +71,7 @@ from .model import (
     Precision,
     load_model,
 )
-from .faults import fault_point
-from .locks import exclusive_lock, shared_lock, try_exclusive
-from .names import NameList, read_names
-from .progress import Progress, no_progress
-from .prompt_lengths import case_twins, check_prompt_lengths
-from .templates import PAPER_TEMPLATES, render
-from .textfiles import read_artifact_json
-from .versions import library_versions, utc_now
+from ..progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
 

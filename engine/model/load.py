@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import DeviceError, InputError, ModelLoadError, WeightsUnavailableError
+from ..errors import DeviceError, InputError, ModelLoadError, WeightsUnavailableError
 from .text_encoder import TextEncoder, TextPath
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ArtifactError, InputError
+from ..errors import ArtifactError, InputError
 
 
 def decode_utf8(data: bytes, path: Path, what: str) -> str:

@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
-from .names import check_name, normalize_name
-from .textfiles import iter_csv_rows
+from ..candidates.names_file import check_name, normalize_name
+from ..disk.textfiles import iter_csv_rows
+from ..errors import InputError
 
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_json_atomic
-from .attack import NO_MODE, PaperModeVotes
-from .errors import ArtifactError, ArtifactExistsError, InputError
+from ..disk.atomic import write_json_atomic
+from ..errors import ArtifactError, ArtifactExistsError, InputError
+from .votes import NO_MODE, PaperModeVotes
 
 REPORT_SCHEMA_VERSION = 1
 REPORT_ARTIFACT = "idia-engine attack report"

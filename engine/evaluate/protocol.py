@@ -39,13 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import staged_directory, write_json_atomic
-from .attack import paper_mode_votes
-from .errors import ArtifactError, ArtifactExistsError, InputError
-from .eval_report import write_evaluation_files
-from .labels import LabelTable, read_label_table
-from .progress import Progress, no_progress
-from .report import (
+from ..disk.atomic import staged_directory, write_json_atomic
+from ..disk.textfiles import read_artifact_json
+from ..disk.versions import library_versions, utc_now
+from ..errors import ArtifactError, ArtifactExistsError, InputError
+from ..progress import Progress, no_progress
+from ..query.labels import LabelTable, read_label_table
+from ..query.report import (
     PREDICTIONS,
     REPORT_ARTIFACT,
     REPORT_SCHEMA_VERSION,
@@ -53,8 +53,8 @@ from .report import (
     Predictions,
     load_predictions,
 )
-from .textfiles import read_artifact_json
-from .versions import library_versions, utc_now
+from ..query.votes import paper_mode_votes
+from .render import write_evaluation_files
 
 log = logging.getLogger(__name__)
 

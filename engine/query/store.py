@@ -54,9 +54,9 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from .atomic import TMP_MARK
-from .errors import ArtifactError, ManifestMismatchError
-from .versions import library_versions, utc_now
+from ..disk.atomic import TMP_MARK
+from ..disk.versions import library_versions, utc_now
+from ..errors import ArtifactError, ManifestMismatchError
 
 log = logging.getLogger(__name__)
 

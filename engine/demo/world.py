@@ -115,7 +115,7 @@ def make_world(config: WorldConfig = WorldConfig(), candidate_names: list[str] |
     """
     _check_config(config)
     if candidate_names is None:
-        from .namegen import generate_names
+        from ..candidates.made_up import generate_names
 
         generated = generate_names(config.identities, seed=config.seed)
         candidate_names, sexes = generated.names, generated.sexes

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import InputError
-from .textfiles import decode_utf8, read_input_bytes
+from ..disk.textfiles import decode_utf8, read_input_bytes
+from ..errors import InputError
 
 # Paper mode, in this order (Hintersdorf et al., JAIR 2024; see shared/IDIA.md). Do not edit.
 PAPER_TEMPLATES: tuple[str, ...] = (
