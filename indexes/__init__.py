@@ -1,16 +1,31 @@
-"""Name-index backends (exact FAISS flat, dense torch baseline, any FAISS factory string) behind one interface
-and a registry; exact decisions from approximate indexes (`search_exact`); index selection (`choose_index`)."""
+"""Index kinds behind one interface and a registry: exact FAISS flat, the dense torch baseline, any FAISS
+factory string, and the template ensemble; exact decisions from approximate indexes (`search_exact`);
+index selection (`choose_index`)."""
 
-from .base import Candidates, NameIndexBackend, as_vectors, sort_topk
+from .base import (
+    FILL_CHUNK,
+    TRAIN_SEED,
+    Candidates,
+    IndexData,
+    IndexKind,
+    NameIndexBackend,
+    TemplateSearcher,
+    TemplateSearchResult,
+    as_vectors,
+    sort_topk,
+    template_file,
+    vectors_file,
+)
+from .choice import IndexChoice, choose_index, estimate_index_bytes
+from .ensemble import DEFAULT_CANDIDATES, ENSEMBLE_DIR, EnsembleIndex, TemplateEnsemble
+from .exact import Exactness, ExactSearchResult, exact_topk, search_exact
+from .faiss_backend import FaissBackend
 from .registry import backend_kinds, get_backend, register_backend
 
 DEFAULT_BACKEND = "flat"
 
-# Imported after DEFAULT_BACKEND and the registry: engine modules import this package while it initialises.
-from .choice import IndexChoice, choose_index, estimate_index_bytes
-from .exact import Exactness, ExactSearchResult, exact_topk, search_exact
-from .faiss_backend import FaissBackend
-
-__all__ = ["DEFAULT_BACKEND", "Candidates", "ExactSearchResult", "Exactness", "FaissBackend", "IndexChoice",
-           "NameIndexBackend", "as_vectors", "backend_kinds", "choose_index", "estimate_index_bytes",
-           "exact_topk", "get_backend", "register_backend", "search_exact", "sort_topk"]
+__all__ = ["DEFAULT_BACKEND", "DEFAULT_CANDIDATES", "ENSEMBLE_DIR", "FILL_CHUNK", "TRAIN_SEED", "Candidates",
+           "EnsembleIndex", "ExactSearchResult", "Exactness", "FaissBackend", "IndexChoice", "IndexData",
+           "IndexKind", "NameIndexBackend", "TemplateEnsemble", "TemplateSearchResult", "TemplateSearcher",
+           "as_vectors", "backend_kinds", "choose_index", "estimate_index_bytes", "exact_topk", "get_backend",
+           "register_backend", "search_exact", "sort_topk", "template_file", "vectors_file"]

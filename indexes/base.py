@@ -1,106 +1,259 @@
-"""The one small interface every name-index backend implements, and the one door vectors enter through.
+"""The interface of index kinds, and the errors and vector door every index shares (re-exported here).
 
-A backend holds the L2-normalised text embeddings of one prompt template (one row per candidate name)
-and answers top-k maximum-inner-product queries. Scores are cosine similarities: higher = closer.
+An index kind (`IndexKind`, classmethods only) says how the T per-template indexes of a build directory are
+built and searched. Most kinds are `NameIndexBackend`s: one index per template, holding that template's
+L2-normalised text embeddings (one row per candidate name) and answering top-k maximum-inner-product
+queries; exact kinds answer by themselves, the others are re-ranked against the raw rows and certified
+(`indexes.exact`). A kind may instead search all templates at once (the template ensemble).
 Search parameters (nprobe, efSearch, ...) travel with each call; they are never set on a shared index.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
-from idia_engine.engine.errors import IdiaError
+from idia_engine.engine.errors import InputError
+
+from .bounds import stored_rows_bound
+from .errors import (
+    IndexFileError,
+    IndexNotTrainedError,
+    IndexSpecError,
+    SearchParamsError,
+    UnknownBackendError,
+    VectorFormatError,
+)
+from .exact import Exactness, search_exact
+from .vectors import Candidates, as_vectors, sort_topk
+
+__all__ = ["FILL_CHUNK", "TRAIN_SEED", "Candidates", "IndexData", "IndexFileError", "IndexKind",
+           "IndexNotTrainedError", "IndexSpecError", "NameIndexBackend", "SearchParamsError", "TemplateSearchResult",
+           "TemplateSearcher", "UnknownBackendError", "VectorFormatError", "as_vectors", "sort_topk",
+           "template_file", "vectors_file"]
+
+FILL_CHUNK = 65536  # rows read back from a template's vectors file and added at once while building
+TRAIN_SEED = 0  # seeds the training sample, so a rebuild trains the same index
 
 
-class VectorFormatError(IdiaError):
-    """Vectors handed to an index are not a finite float32 matrix of the index's dimension."""
+def template_file(t: int, suffix: str) -> str:
+    """File name of template t's index in a build directory."""
+    return f"template_{t:02d}{suffix}"
 
 
-class UnknownBackendError(IdiaError):
-    """An index kind that no backend is registered for."""
-
-    exit_code = 2
-
-
-class IndexSpecError(UnknownBackendError):
-    """A faiss factory string (or index description) that cannot build an index of the asked dimension,
-    or a memory budget no index fits in."""
+def vectors_file(t: int) -> str:
+    """File name of template t's raw float32 rows [N, D] (.npy) in a build directory."""
+    return f"vectors_{t:02d}.npy"
 
 
-class SearchParamsError(VectorFormatError):
-    """Search parameters an index cannot use (an unknown key, a value out of range).
+class IndexData(Protocol):
+    """A built index as the engine opened it (its NameIndex): what searchers read templates through."""
 
-    A subclass of VectorFormatError because the exact backends have always rejected parameters with it."""
+    @property
+    def data_dir(self) -> Path: ...
 
+    @property
+    def num_templates(self) -> int: ...
 
-class IndexNotTrainedError(IdiaError):
-    """Rows were added to (or searched in) an index that needs `train(sample)` first."""
+    def load_template(self, t: int, *, use_gpu: bool = False) -> NameIndexBackend:
+        """Template t's backend, checked against the manifest's size and dimension."""
 
-
-class IndexFileError(IdiaError):
-    """An index file (or its sidecar) is missing, of another index type, or inconsistent with itself."""
-
-
-def as_vectors(x: Any, dim: int | None = None, *, what: str = "vectors") -> np.ndarray:
-    """The only way vectors enter an index: a C-contiguous float32 array of shape [n, dim], finite."""
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise VectorFormatError(f"{what} must be a 2-D array [n, dim], got shape {arr.shape}")
-    if dim is not None and arr.shape[1] != dim:
-        raise VectorFormatError(f"{what} have dimension {arr.shape[1]}, the index holds dimension {dim}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise VectorFormatError(f"{what} must be floating point, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise VectorFormatError(f"{what} contain NaN or infinite values")
-    return arr
-
-
-def sort_topk(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order each row by score descending, ties by id ascending: the engine's one arg-max convention."""
-    order = np.lexsort((ids, -scores), axis=-1)
-    return np.take_along_axis(scores, order, -1), np.take_along_axis(ids, order, -1)
+    def vectors(self, t: int) -> np.ndarray:
+        """Raw float32 rows [N, D] of template t, memory-mapped."""
 
 
 @dataclass(frozen=True)
-class Candidates:
-    """An approximate top-k' and a certificate for every row it left out (see `indexes.exact`)."""
+class TemplateSearchResult:
+    """Top-k per query and template, and how each (query, template) answer was obtained."""
 
-    scores: np.ndarray  # float32 [Q, k'] approximate (code-based) scores, -inf where fewer than k' were found
-    ids: np.ndarray  # int64 [Q, k'] row ids, -1 where fewer than k' were found
-    bound: np.ndarray  # float64 [Q]: every row NOT in `ids` has exact score q.x <= bound (-inf: none left out;
-    #                    +inf: nothing is known)
-
-
-@runtime_checkable
-class NameIndexBackend(Protocol):
-    """Top-k inner-product search over the embeddings of one template."""
-
-    kind: ClassVar[str]  # registry key, recorded in the index manifest
-    file_suffix: ClassVar[str]  # suffix of the file `save` writes
+    templates: tuple[int, ...]  # the templates answered; axis 1 of every array below
+    scores: np.ndarray  # float32 [Q, G, k], each row ordered by sort_topk
+    ids: np.ndarray  # int64 [Q, G, k]
+    exact_by_index: np.ndarray  # bool [Q, G]: the kind answered exactly by itself (flat, dense)
+    certified: np.ndarray  # bool [Q, G]: the re-ranked top-1 is proved to be the exact arg-max
+    fell_back: np.ndarray  # bool [Q, G]: answered by brute force
 
     @property
+    def uncertified_kept(self) -> np.ndarray:
+        """bool [Q, G]: answers not known to be exact (only without fallback)."""
+        return ~(self.exact_by_index | self.certified | self.fell_back)
+
+
+class TemplateSearcher(Protocol):
+    """Answers queries for some templates of an opened index."""
+
+    @property
+    def templates(self) -> tuple[int, ...]: ...
+
+    def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None, fallback: bool
+               ) -> TemplateSearchResult:
+        """Top-k of `queries` [Q, D] per template; fallback: brute force for answers not certified."""
+
+
+class IndexKind(ABC):
+    """How the T per-template indexes of one kind are built into a build directory and searched."""
+
+    kind: ClassVar[str]  # registry key, recorded in the index manifest
+    exact_search: ClassVar[bool] = False  # answers exactly by itself: no raw vectors kept, no re-ranking
+
+    @classmethod
+    def with_spec(cls, spec: str) -> type[IndexKind]:
+        """The kind "<kind>:<spec>"; kinds that take no spec refuse one."""
+        raise UnknownBackendError(f"index kind {cls.kind!r} takes no spec, got {f'{cls.kind}:{spec}'!r}")
+
+    @classmethod
+    @abstractmethod
+    def build_template(cls, t: int, rows: np.ndarray, out_dir: Path, *, use_gpu: bool,
+                       search_params: Mapping[str, Any]) -> None:
+        """Called by the engine's build right after template t's rows (float32 [N, D] memmap, L2-normalised)
+        are on disk; writes whatever the kind keeps of template t into `out_dir`."""
+
+    @classmethod
+    def finish_build(cls, out_dir: Path, rows: Sequence[np.ndarray], *,
+                     progress: Callable[[str, int, int], None]) -> None:
+        """Called once after every template was built, with the T templates' row memmaps (default: nothing)."""
+
+    @classmethod
+    @abstractmethod
+    def open_searchers(cls, index: IndexData, *, use_gpu: bool) -> Iterator[TemplateSearcher]:
+        """Searchers covering every template once, loaded one at a time as the iterator advances (the one
+        before is released then), so memory holds one searcher's index."""
+
+
+class NameIndexBackend(IndexKind):
+    """Top-k inner-product search over the embeddings of one template (one index per template)."""
+
+    file_suffix: ClassVar[str]  # suffix of the file `save` writes
+
+    @classmethod
+    @abstractmethod
+    def create(cls, dim: int, *, use_gpu: bool = False,
+               search_params: Mapping[str, Any] | None = None) -> NameIndexBackend:
+        """An empty index of dimension `dim`; search_params: default per-call parameters (kinds without
+        any refuse them)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: Path, *, use_gpu: bool = False) -> NameIndexBackend: ...
+
+    @property
+    @abstractmethod
     def dim(self) -> int: ...
 
     @property
+    @abstractmethod
     def ntotal(self) -> int: ...
 
-    @classmethod
-    def create(cls, dim: int, *, use_gpu: bool = False) -> NameIndexBackend: ...
+    @property
+    def on_gpu(self) -> bool:
+        """The index searches on a GPU (False where none was asked for or none could be used)."""
+        return False
 
+    @property
+    def needs_training(self) -> bool:
+        """`train(sample)` must come before `add`."""
+        return False
+
+    @property
+    def min_train_size(self) -> int:
+        """Rows `train` needs at least."""
+        return 1
+
+    @property
+    def recommended_train_size(self) -> int:
+        """Rows a good training sample has."""
+        return 1
+
+    def train(self, sample: np.ndarray) -> None:
+        """Learn the index's codes from a sample of rows; nothing to learn by default (the sample is only
+        checked, as every vector entering an index is)."""
+        as_vectors(sample, self.dim, what="training sample")
+
+    @abstractmethod
     def add(self, vectors: np.ndarray) -> None:
         """Append rows; row ids continue from `ntotal`."""
 
+    @abstractmethod
     def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """Queries [Q, dim] -> (scores float32 [Q, k'], ids int64 [Q, k']), k' = min(k, ntotal),
         each row ordered by `sort_topk`."""
 
+    @abstractmethod
     def save(self, path: Path) -> None: ...
 
+    def search_candidates(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None = None
+                          ) -> Candidates:
+        """Approximate top-k and `bound`, an upper bound on the exact score of every row left out. By default
+        from `search`: exact kinds bound by the k'-th score plus float32 rounding, others know nothing (+inf);
+        either way -inf when every row came back."""
+        q = as_vectors(queries, self.dim, what="queries")
+        scores, ids = self.search(q, k, params)
+        if not self.exact_search or ids.shape[1] == 0:
+            full = ids.shape[1] >= self.ntotal
+            return Candidates(scores, ids, np.full(len(q), -np.inf if full else np.inf))
+        return Candidates(scores, ids, stored_rows_bound(q, scores, ids, self.ntotal))
+
     @classmethod
-    def load(cls, path: Path, *, use_gpu: bool = False) -> NameIndexBackend: ...
+    def build_template(cls, t: int, rows: np.ndarray, out_dir: Path, *, use_gpu: bool,
+                       search_params: Mapping[str, Any]) -> None:
+        """Train template t's index on a seeded sample of its rows, add all rows in chunks, save it."""
+        backend = cls.create(rows.shape[1], use_gpu=use_gpu, search_params=search_params or None)
+        if backend.needs_training:
+            backend.train(_training_sample(rows, backend))
+        for start in range(0, len(rows), FILL_CHUNK):
+            backend.add(np.ascontiguousarray(rows[start:start + FILL_CHUNK]))
+        backend.save(Path(out_dir) / template_file(t, cls.file_suffix))
+
+    @classmethod
+    def open_searchers(cls, index: IndexData, *, use_gpu: bool) -> Iterator[TemplateSearcher]:
+        """One searcher per template: its backend, and for approximate kinds the raw rows to re-rank against."""
+        for t in range(index.num_templates):
+            backend = index.load_template(t, use_gpu=use_gpu)
+            searcher = _BackendSearcher(t, backend, None if cls.exact_search else index.vectors(t))
+            del backend  # the searcher holds the only reference, so releasing it frees the index
+            try:
+                yield searcher
+            finally:
+                searcher.release()
+
+
+def _training_sample(rows: np.ndarray, backend: NameIndexBackend) -> np.ndarray:
+    """A seeded random sample of the rows, sorted (sequential reads from a memmap), of the recommended size."""
+    size = min(len(rows), max(backend.recommended_train_size, backend.min_train_size))
+    if size < backend.min_train_size:
+        raise InputError(f"index {backend.kind} needs at least {backend.min_train_size} names to train, "
+                         f"the names file holds {len(rows)}; choose a smaller index (e.g. --index flat)")
+    sample = np.sort(np.random.default_rng(TRAIN_SEED).choice(len(rows), size=size, replace=False))
+    return np.ascontiguousarray(rows[sample])
+
+
+# Not frozen: `release` drops the backend when the searchers' iterator moves on to the next template.
+class _BackendSearcher:
+    """Template t through its own backend: exact kinds answer directly, the others through `search_exact`."""
+
+    def __init__(self, t: int, backend: NameIndexBackend, vectors: np.ndarray | None):
+        self.templates = (t,)
+        self._backend: NameIndexBackend | None = backend
+        self._vectors = vectors  # None for exact kinds
+
+    def release(self) -> None:
+        self._backend = self._vectors = None
+
+    def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None, fallback: bool
+               ) -> TemplateSearchResult:
+        backend = self._backend
+        if backend is None:
+            raise RuntimeError(f"the searcher of template {self.templates[0]} was used after its iterator moved on")
+        if backend.exact_search:
+            scores, ids = backend.search(queries, k, params or None)
+            ones = np.ones((len(scores), 1), bool)
+            return TemplateSearchResult(self.templates, scores[:, None], ids[:, None], ones, ~ones, ~ones)
+        res = search_exact(backend, self._vectors, queries, k, params or None, fallback, need=Exactness.TOP1)
+        return TemplateSearchResult(self.templates, res.scores[:, None], res.ids[:, None],
+                                    np.zeros((len(res.ids), 1), bool), res.certified[:, None],
+                                    res.fell_back[:, None])

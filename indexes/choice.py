@@ -1,14 +1,14 @@
 """Which index to build for a label space: a pure function of sizes, memory budget and device.
 
-What the choice rests on (measured on structured synthetic CLIP-like data, image queries at cosine ~0.3
-from their true name; see tests/test_ann.py): an IVF index cannot certify exact decisions for such
-out-of-distribution queries. Each name carries its own component (norm ~0.3-0.5) in a direction no list
-summary predicts, so every per-list bound stays far above the top score (~0.3) and the certificate fails
-for ~100% of queries even at nprobe = nlist - 1; all of them then fall back to brute force. Codes scanned
-in full do certify: SQfp16 100%, SQ8 99.4% with 64 candidates (10^5 names x 128), because their worst-case
-code error (~3e-4, ~0.011) is below the gap between the best score and the 64th. So with `exact_decisions` (the
-engine's paper mode) the choice is among indexes scanned in full, smallest first that fits the budget;
-IVF is chosen only when approximate decisions are acceptable (exact_decisions=False).
+What the choice rests on (measured on structured synthetic CLIP-like data, image queries far from their true
+name; see tests/test_ann.py, with the figures in benchmarks/README.md): an IVF index cannot certify exact
+decisions for such out-of-distribution queries. Each name carries its own component in a direction no list
+summary predicts, so every per-list bound stays far above the top score and the certificate fails for
+nearly every query even at nprobe = nlist - 1; all of them then fall back to brute force. Codes scanned
+in full do certify (SQfp16, SQ8 with 64 candidates), because their worst-case code error is below the gap
+between the best score and the 64th. So with `exact_decisions` (the engine's paper mode) the choice is among
+indexes scanned in full, smallest first that fits the budget; IVF is chosen only when approximate decisions
+are acceptable (exact_decisions=False).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import IndexSpecError
+from .errors import IndexSpecError
 
 FLAT_MAX_NAMES_CPU = 200_000  # above this, CPU flat search is slow enough that IVF pays (approximate mode)
 FLAT_MAX_NAMES_GPU = 5_000_000  # GPU brute force stays fast up to a few million rows

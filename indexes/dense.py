@@ -12,15 +12,18 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .base import VectorFormatError, as_vectors, sort_topk
+from .base import NameIndexBackend
 from .registry import register_backend
+from .vectors import as_vectors, reject_search_params, sort_topk
+
+_WHAT = "the dense baseline"  # names it in the refusal of search parameters
 
 # Rows of the [queries x names] score matrix computed at once: bounds memory to ~256 MB of scores.
 _SCORE_BUDGET = 64 * 1024 * 1024
 
 
 @register_backend
-class DenseTorchBackend:
+class DenseTorchBackend(NameIndexBackend):
     kind: ClassVar[str] = "dense"
     file_suffix: ClassVar[str] = ".npy"
     # Scores are float32 dot products of the stored rows (torch keeps TF32 off for float32 matmul by default).
@@ -33,13 +36,19 @@ class DenseTorchBackend:
         self._matrix: torch.Tensor | None = None
 
     @classmethod
-    def create(cls, dim: int, *, use_gpu: bool = False) -> DenseTorchBackend:
+    def create(cls, dim: int, *, use_gpu: bool = False,
+               search_params: Mapping[str, Any] | None = None) -> DenseTorchBackend:
+        reject_search_params(_WHAT, search_params)
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         return cls(dim, device)
 
     @property
     def dim(self) -> int:
         return self._dim
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._device.type == "cuda"
 
     def _names(self) -> torch.Tensor:
         if self._matrix is None:
@@ -59,8 +68,7 @@ class DenseTorchBackend:
 
     def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        if params:
-            raise VectorFormatError(f"the dense baseline takes no search parameters, got {sorted(params)}")
+        reject_search_params(_WHAT, params)
         q = torch.from_numpy(as_vectors(queries, self._dim, what="queries")).to(self._device)
         names = self._names()
         k = min(int(k), len(names))

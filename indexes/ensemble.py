@@ -15,10 +15,10 @@ radius). For a query q:
            with fallback=False, keep the re-ranked answer and are flagged.
 
 How tight is the certificate? It spends ||q|| eps_t, the Cauchy-Schwarz worst case of q.r over a ball; for
-image queries against CLIP-like text rows eps_t (~0.2-0.5) is of the order of the top score itself (~0.3),
-so certificates are rare and exactness comes from the fallback (the same reason IVF cannot certify, see
-`indexes.choice`). Without fallback the prefilter is an approximate search whose agreement with the exact
-answer the benchmarks measure. `radius_name` (per name, max over templates) is recorded for analysis.
+image queries against CLIP-like text rows eps_t is of the order of the top score itself (figures in
+benchmarks/README.md), so certificates are rare and exactness comes from the fallback (the same reason IVF
+cannot certify, see `indexes.choice`). Without fallback the prefilter is an approximate search whose
+agreement with the exact answer the benchmarks measure. `radius_name` (per name, max over templates) is recorded for analysis.
 
 Sources of template rows: a sequence of T arrays or np.memmaps [N, D], or a callable `rows(t, ids)` ->
 float32 [len(ids), D] (ids an int64 array) for rows that are regenerated or read on demand.
@@ -28,32 +28,34 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .base import (
-    Candidates,
-    IndexFileError,
+    IndexData,
+    IndexKind,
     NameIndexBackend,
-    VectorFormatError,
-    as_vectors,
-    sort_topk,
+    TemplateSearcher,
+    TemplateSearchResult,
 )
+from .bounds import REL_INFLATE, gamma
+from .errors import IndexFileError, VectorFormatError
 from .exact import Exactness, ExactSearchResult, backend_candidates, exact_topk
+from .flat import FlatIPBackend
+from .registry import register_backend
+from .vectors import Candidates, as_vectors, sort_topk
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DEFAULT_CANDIDATES = 256  # K': names re-ranked per query (stage 2 costs K' x T rows per query)
+ENSEMBLE_DIR = "ensemble"  # the ensemble's folder in a build directory
 _BUILD_BLOCK = 1 << 24  # float32 elements of rows (all templates of a block of names) read at once (64 MiB)
 _PAIR_BLOCK = 1 << 23  # float64 elements gathered at once by the stage-2 re-rank (64 MiB)
-_REL_INFLATE = 1e-9  # relative inflation of float64 bound terms, covering their own rounding
 
 RowFn = Callable[[int, np.ndarray], np.ndarray]
 RowSource = Sequence[np.ndarray] | RowFn
@@ -148,9 +150,8 @@ def _rerank(rows: np.ndarray, inv: np.ndarray, valid: np.ndarray, cid: np.ndarra
     if m < kc:
         rest = s32.copy()
         np.put_along_axis(rest, sel, -np.inf, 1)
-        gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
         row_norm = float(np.sqrt((rows32.astype(np.float64) ** 2).sum(1).max())) if len(rows32) else 1.0
-        reach = rest.max(axis=1).astype(np.float64) + gamma * qn * row_norm + 1e-6
+        reach = rest.max(axis=1).astype(np.float64) + gamma(d) * qn * row_norm + 1e-6
         redo = np.flatnonzero(~(reach < ss[:, k - 1]))
         for r in redo:  # rare: a left-out candidate might still matter; score all of this query's exactly
             e = (rows32[inv[r]].astype(np.float64) @ q64[r]).astype(np.float32)
@@ -229,8 +230,8 @@ class TemplateEnsemble:
             if progress:
                 progress("ensemble", len(blocks) + b + 1, total)
         # float64 norms are off by ~D 2^-53 relatively; inflate so the radius stays an upper bound.
-        radius = radius * (1 + _REL_INFLATE) + 1e-12
-        radius_name = radius_name * (1 + _REL_INFLATE) + 1e-12
+        radius = radius * (1 + REL_INFLATE) + 1e-12
+        radius_name = radius_name * (1 + REL_INFLATE) + 1e-12
         log.info("template ensemble of %d names x %d templates: radius %.4f..%.4f", n, t_count, radius.min(),
                  radius.max())
         return cls(means, offsets, radius, radius_name)
@@ -238,18 +239,18 @@ class TemplateEnsemble:
     # --- save / load -------------------------------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
-        """Write means/offsets/radii as .npy and a small JSON manifest (atomically, manifest last)."""
+        """Write means/offsets/radii as .npy and a small JSON manifest (manifest last)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # Plain writes: the ensemble is written into the engine's private build directory, whose publication
+        # (fsync of every file, one rename, then the manifest) is the one commit point; files of an
+        # unpublished build directory are rewritten when the build resumes.
         for key, name in _FILES.items():
             np.save(folder / name, getattr(self, key))
         manifest = {"schema_version": SCHEMA_VERSION, "kind": "template-ensemble", "num_names": self.num_names,
                     "num_templates": self.num_templates, "dim": self.dim, "files": _FILES,
                     "radius_max": float(self.radius.max())}
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ensemble-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2)
-        os.replace(tmp, folder / _MANIFEST)
+        (folder / _MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, folder: Path, *, mmap: bool = False) -> TemplateEnsemble:
@@ -272,8 +273,6 @@ class TemplateEnsemble:
 
     def _default_backend(self) -> NameIndexBackend:
         if self._flat is None:
-            from .flat import FlatIPBackend
-
             flat = FlatIPBackend.create(self.dim)
             flat.add(self.means)
             self._flat = flat
@@ -294,7 +293,7 @@ class TemplateEnsemble:
         reach = qn[:, None] * self.radius[None, :]
         with np.errstate(invalid="ignore"):
             # float64 sums of D products are off by ~D 2^-53 relatively: a relative slack of 1e-9 covers them.
-            slack = (np.abs(mb) + np.abs(qg) + reach) * _REL_INFLATE + 1e-12
+            slack = (np.abs(mb) + np.abs(qg) + reach) * REL_INFLATE + 1e-12
             return np.where(np.isfinite(mb), mb + qg + reach + slack, mb)
 
     def search(self, queries: np.ndarray, source: RowSource, k: int = 1, *, candidates: int = DEFAULT_CANDIDATES,
@@ -349,3 +348,48 @@ class TemplateEnsemble:
         log.info("ensemble search: %d queries x %d templates over %d names, K'=%d: %d certified, %d by brute "
                  "force", nq, nt, n, kc, int(certified.sum()), int(fell_back.sum()))
         return result
+
+
+@register_backend
+class EnsembleIndex(IndexKind):
+    """The index kind "ensemble": no per-template index; the `TemplateEnsemble` of all templates is built
+    once they are all on disk (folder ENSEMBLE_DIR) and searched against their raw rows."""
+
+    kind: ClassVar[str] = "ensemble"
+    exact_search: ClassVar[bool] = False  # exact only through the certificate or the fallback
+
+    @classmethod
+    def build_template(cls, t: int, rows: np.ndarray, out_dir: Path, *, use_gpu: bool,
+                       search_params: Mapping[str, Any]) -> None:
+        """Nothing per template: the template's raw rows are what the ensemble is built from and re-ranks."""
+
+    @classmethod
+    def finish_build(cls, out_dir: Path, rows: Sequence[np.ndarray], *,
+                     progress: Callable[[str, int, int], None]) -> None:
+        n, dim = rows[0].shape if len(rows) else (0, 0)  # no templates: build says so
+        TemplateEnsemble.build(rows, n, len(rows), dim, progress=progress).save(Path(out_dir) / ENSEMBLE_DIR)
+
+    @classmethod
+    def open_searchers(cls, index: IndexData, *, use_gpu: bool) -> Iterator[TemplateSearcher]:
+        """One searcher over all templates (stage 1 is shared by them)."""
+        yield _EnsembleSearcher(TemplateEnsemble.load(index.data_dir / ENSEMBLE_DIR),
+                                tuple(index.vectors(t) for t in range(index.num_templates)))
+
+
+@dataclass(frozen=True)
+class _EnsembleSearcher:
+    """All templates at once through the ensemble; params: {"candidates": K'} (default DEFAULT_CANDIDATES)."""
+
+    ensemble: TemplateEnsemble
+    sources: tuple[np.ndarray, ...]  # the templates' raw rows, memory-mapped
+
+    @property
+    def templates(self) -> tuple[int, ...]:
+        return tuple(range(len(self.sources)))
+
+    def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None, fallback: bool
+               ) -> TemplateSearchResult:
+        candidates = int((params or {}).get("candidates", DEFAULT_CANDIDATES))
+        res = self.ensemble.search(queries, self.sources, k, candidates=candidates, fallback=fallback)
+        return TemplateSearchResult(self.templates, res.scores, res.ids, np.zeros_like(res.certified),
+                                    res.certified, res.fell_back)

@@ -9,8 +9,8 @@ descending, ties to the lower id (`indexes.base.sort_topk`), the engine's one ar
 `search_exact(backend, vectors, queries, k, params)`, per template:
   (a) candidates: the backend's approximate top-k' (k' = k + DEFAULT_EXTRA_CANDIDATES unless given) with a
       certificate `bound[q]`: every row not among them has exact (real) score q.x <= bound[q]
-      (`FaissBackend.search_candidates`; exact backends ("flat", "dense") get bound = k'-th score + float32
-      rounding; any other backend +inf);
+      (the backend's `search_candidates`: list and code bounds for faiss indexes, k'-th score + float32
+      rounding for exact backends ("flat", "dense"), +inf where nothing is known);
   (b) exact re-rank of the candidates against `vectors`, the template's raw float32 rows (the ground truth);
   (c) certification: a left-out row x has float32(q.x) <= float32(bound) (rounding to nearest is monotone),
       so the top-1 is exact when s_1 > float32(bound) (strict: an equal score with a lower id would win),
@@ -25,20 +25,23 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
-from .base import Candidates, NameIndexBackend, VectorFormatError, as_vectors, sort_topk
-from .faiss_backend import gamma
+from .bounds import gamma
+from .errors import VectorFormatError
+from .vectors import Candidates, as_vectors, sort_topk
+
+if TYPE_CHECKING:  # base imports this module (its default searchers re-rank with search_exact)
+    from .base import NameIndexBackend
 
 log = logging.getLogger(__name__)
 
 # k' = k + 63 candidates: the k'-th approximate score must sit below the k-th exact one by more than the
-# code error. SQ8 on 10^5 x 128 image queries: 92% certified with k + 31, 99.4% with k + 63, 100% with k + 127.
+# code error; how many SQ8 certifies with 31, 63 and 127 extra is in benchmarks/README.md.
 DEFAULT_EXTRA_CANDIDATES = 63
-_NORM_CAP = 1.0 + 1e-3  # exact backends hold L2-normalised rows (the NameIndexBackend contract)
 _ROW_BLOCK = 1 << 25  # float32 elements of rows read at once by the brute force (128 MiB)
 _FILTER_EXTRA = 16  # rows per chunk the brute-force filter keeps beyond k (more only for near-ties)
 _PAIR_BLOCK = 1 << 22  # float64 elements of the exact re-rank gathered at once (32 MiB)
@@ -198,19 +201,7 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, *, chunk_rows: 
 def backend_candidates(backend: NameIndexBackend, queries: np.ndarray, k: int,
                        params: Mapping[str, Any] | None = None) -> Candidates:
     """Approximate top-k with a certificate, from any backend (see the module docstring, step (a))."""
-    search_candidates = getattr(backend, "search_candidates", None)
-    if search_candidates is not None:
-        return search_candidates(queries, k, params)
-    q = as_vectors(queries, backend.dim, what="queries")
-    scores, ids = backend.search(q, k, params)
-    if not getattr(backend, "exact_search", False) or ids.shape[1] == 0:
-        full = ids.shape[1] >= backend.ntotal
-        return Candidates(scores, ids, np.full(len(q), -np.inf if full else np.inf))
-    # float32 scores of the stored rows themselves: a row left out scores at most the last one returned,
-    # up to float32 rounding of a dot product with a unit row.
-    qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
-    bound = scores[:, -1].astype(np.float64) + gamma(backend.dim) * qn * _NORM_CAP * (1 + 1e-9)
-    return Candidates(scores, ids, np.where(ids.shape[1] >= backend.ntotal, -np.inf, bound))
+    return backend.search_candidates(queries, k, params)
 
 
 def search_exact(backend: NameIndexBackend, vectors: np.ndarray, queries: np.ndarray, k: int,
@@ -252,6 +243,6 @@ def search_exact(backend: NameIndexBackend, vectors: np.ndarray, queries: np.nda
         fell_back[redo] = True
     result = ExactSearchResult(scores, ids, certified, certified_topk, fell_back, need)
     log.info("exact search over %d rows (%s): %d queries, %d certified (top-1), %d certified (top-%d), "
-             "%d by brute force", n, getattr(backend, "kind", type(backend).__name__), nq, int(certified.sum()),
+             "%d by brute force", n, backend.kind, nq, int(certified.sum()),
              int(certified_topk.sum()), k, int(fell_back.sum()))
     return result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -10,30 +9,18 @@ from typing import Any, ClassVar
 import faiss
 import numpy as np
 
-from .base import VectorFormatError, as_vectors, sort_topk
+# gpu.faiss_gpu_count is looked up at call time, so tests can patch it in one place.
+from . import gpu as _gpu
+from .base import NameIndexBackend
+from .errors import VectorFormatError
 from .registry import register_backend
+from .vectors import as_vectors, empty_topk, reject_search_params, sort_topk
 
-log = logging.getLogger(__name__)
-
-
-def faiss_gpu_count() -> int:
-    """Number of GPUs faiss can use (0 for CPU-only builds or machines without a GPU)."""
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get else 0
-
-
-def _to_gpu(index: faiss.Index, use_gpu: bool) -> tuple[faiss.Index, bool]:
-    """Replicate `index` on all GPUs if asked and possible; otherwise keep it on the CPU (with a log line)."""
-    if not use_gpu:
-        return index, False
-    if faiss_gpu_count() == 0:
-        log.warning("GPU search asked for, but faiss sees no GPU: searching on the CPU")
-        return index, False
-    return faiss.index_cpu_to_all_gpus(index), True
+_WHAT = "the flat index"  # names it in the refusal of search parameters
 
 
 @register_backend
-class FlatIPBackend:
+class FlatIPBackend(NameIndexBackend):
     """Brute-force exact search; the default backend."""
 
     kind: ClassVar[str] = "flat"
@@ -42,11 +29,13 @@ class FlatIPBackend:
 
     def __init__(self, index: faiss.Index, on_gpu: bool):
         self._index = index
-        self.on_gpu = on_gpu
+        self._on_gpu = on_gpu
 
     @classmethod
-    def create(cls, dim: int, *, use_gpu: bool = False) -> FlatIPBackend:
-        return cls(*_to_gpu(faiss.IndexFlatIP(dim), use_gpu))
+    def create(cls, dim: int, *, use_gpu: bool = False,
+               search_params: Mapping[str, Any] | None = None) -> FlatIPBackend:
+        reject_search_params(_WHAT, search_params)
+        return cls(*_gpu.replicate_to_gpus(faiss.IndexFlatIP(dim), use_gpu))
 
     @property
     def dim(self) -> int:
@@ -56,22 +45,25 @@ class FlatIPBackend:
     def ntotal(self) -> int:
         return int(self._index.ntotal)
 
+    @property
+    def on_gpu(self) -> bool:
+        return self._on_gpu
+
     def add(self, vectors: np.ndarray) -> None:
         self._index.add(as_vectors(vectors, self.dim, what="name embeddings"))
 
     def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        if params:
-            raise VectorFormatError(f"the flat index takes no search parameters, got {sorted(params)}")
+        reject_search_params(_WHAT, params)
         q = as_vectors(queries, self.dim, what="queries")
         k = min(int(k), self.ntotal)
         if k < 1:
-            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+            return empty_topk(len(q), 0)
         scores, ids = self._index.search(q, k)
         return sort_topk(scores, ids.astype(np.int64, copy=False))
 
     def save(self, path: Path) -> None:
-        index = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
+        index = faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
         faiss.write_index(index, str(path))
 
     @classmethod
@@ -79,4 +71,4 @@ class FlatIPBackend:
         index = faiss.read_index(str(path))
         if not isinstance(index, faiss.IndexFlatIP):
             raise VectorFormatError(f"{path} holds a {type(index).__name__}, not an IndexFlatIP")
-        return cls(*_to_gpu(index, use_gpu))
+        return cls(*_gpu.replicate_to_gpus(index, use_gpu))

@@ -1,19 +1,25 @@
-"""The registry of name-index backends: kind -> class. Backends register themselves on import.
+"""The registry of index kinds: kind -> class. Kinds register themselves on import.
 
-A kind is either a registered key ("flat", "dense", "faiss") or a parametrised key "<key>:<spec>" for
-backends that take a spec, e.g. "faiss:IVF4096,SQ8": the class registered under "faiss" binds the spec
-(its `with_spec` classmethod) and returns a class whose `kind` is the whole string, so the index
-manifest's `index_kind` alone recreates the backend.
+A kind is either a registered key ("flat", "dense", "faiss", "ensemble") or a parametrised key
+"<key>:<spec>" for kinds that take a spec, e.g. "faiss:IVF4096,SQ8": the class registered under "faiss"
+binds the spec (its `with_spec` classmethod) and returns a class whose `kind` is the whole string, so the
+index manifest's `index_kind` alone recreates the backend.
 """
 
 from __future__ import annotations
 
-from .base import NameIndexBackend, UnknownBackendError
+from typing import TYPE_CHECKING, TypeVar
 
-_BACKENDS: dict[str, type] = {}
+from .errors import UnknownBackendError
+
+if TYPE_CHECKING:  # the kinds' modules import this one to register themselves
+    from .base import IndexKind
+
+_BACKENDS: dict[str, type[IndexKind]] = {}
+_Kind = TypeVar("_Kind", bound="type[IndexKind]")
 
 
-def register_backend(cls: type) -> type:
+def register_backend(cls: _Kind) -> _Kind:
     _BACKENDS[cls.kind] = cls
     return cls
 
@@ -24,7 +30,7 @@ def backend_kinds() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def get_backend(kind: str) -> type[NameIndexBackend]:
+def get_backend(kind: str) -> type[IndexKind]:
     _load_builtin_backends()
     base, sep, spec = kind.partition(":")
     try:
@@ -32,13 +38,8 @@ def get_backend(kind: str) -> type[NameIndexBackend]:
     except KeyError:
         raise UnknownBackendError(f"unknown index kind {kind!r}; known kinds: {', '.join(sorted(_BACKENDS))}"
                                   " (parametrised: faiss:<factory string>)") from None
-    if not sep:
-        return cls
-    with_spec = getattr(cls, "with_spec", None)
-    if with_spec is None:
-        raise UnknownBackendError(f"index kind {base!r} takes no spec, got {kind!r}")
-    return with_spec(spec)
+    return cls.with_spec(spec) if sep else cls
 
 
 def _load_builtin_backends() -> None:
-    from . import dense, faiss_backend, flat  # noqa: F401 - importing registers them
+    from . import dense, ensemble, faiss_backend, flat  # noqa: F401 - importing registers them

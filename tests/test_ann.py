@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 
 import faiss
-import idia_engine.engine  # noqa: F401 - the engine package first (it imports indexes while initialising)
 import numpy as np
 import pytest
 from idia_engine.engine.errors import IdiaError
@@ -503,7 +502,7 @@ def test_index_without_bound_is_opaque_but_exact(world):
 
 
 def test_gpu_asked_without_gpu_falls_back_to_cpu(world, monkeypatch, caplog):
-    monkeypatch.setattr("idia_engine.indexes.flat.faiss_gpu_count", lambda: 0)
+    monkeypatch.setattr("idia_engine.indexes.gpu.faiss_gpu_count", lambda: 0)
     caplog.set_level(logging.WARNING)
     cpu = build("IVF64,Flat", world["names"])
     gpu = build("IVF64,Flat", world["names"], use_gpu=True)
@@ -515,7 +514,7 @@ def test_gpu_asked_without_gpu_falls_back_to_cpu(world, monkeypatch, caplog):
 @pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="simulates a GPU that cannot be used")
 def test_gpu_clone_failure_falls_back_to_cpu(world, monkeypatch, caplog):
     """faiss reports a GPU but cloning fails (here: there is none): log, then search on the CPU."""
-    monkeypatch.setattr("idia_engine.indexes.flat.faiss_gpu_count", lambda: 1)
+    monkeypatch.setattr("idia_engine.indexes.gpu.faiss_gpu_count", lambda: 1)
     caplog.set_level(logging.WARNING)
     hnsw = get_backend("faiss:HNSW32,Flat").create(DIM, use_gpu=True)
     assert hnsw.on_gpu is False and "HNSW" in caplog.text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import idia_engine.engine  # noqa: F401 - the engine package first (it imports indexes while initialising)
 import numpy as np
 import pytest
 from idia_engine.benchmarks.synthetic import BLOCK_ROWS, SyntheticConfig, SyntheticNames

@@ -1,7 +1,7 @@
-"""Name-index backends against an exact float64 numpy oracle, on structured synthetic embeddings.
+"""Name-index backends and index kinds against an exact float64 numpy oracle, on structured synthetic embeddings.
 
-Every registered backend is tested (parametrised over the registry, so a new backend is picked up
-automatically). The data mimics the attack: candidate names share first and last names, and image
+Every registered per-template backend is tested (parametrised over the registry, so a new backend is picked
+up automatically), and every kind is built into a directory and searched the way the engine does. The data mimics the attack: candidate names share first and last names, and image
 embeddings sit at cosine 0.3 from their true name, offset along one shared direction (a modality gap).
 
 Tolerances: scores within SCORE_TOL of the float64 oracle; a top-k set is compared only where the oracle's
@@ -11,23 +11,44 @@ k-th and (k+1)-th scores differ by more than SCORE_TOL (below that, float32 may 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
 import pytest
 import torch
-from idia_engine.engine.errors import IdiaError
-from idia_engine.indexes import as_vectors, backend_kinds, get_backend, sort_topk
-from idia_engine.indexes.base import NameIndexBackend, UnknownBackendError, VectorFormatError
-from idia_engine.indexes.flat import faiss_gpu_count
+from idia_engine.engine.errors import IdiaError, InputError
+from idia_engine.indexes import (
+    DEFAULT_CANDIDATES,
+    EnsembleIndex,
+    IndexKind,
+    TemplateEnsemble,
+    as_vectors,
+    backend_kinds,
+    get_backend,
+    sort_topk,
+    template_file,
+    vectors_file,
+)
+from idia_engine.indexes.base import (
+    NameIndexBackend,
+    UnknownBackendError,
+    VectorFormatError,
+)
+from idia_engine.indexes.bounds import gamma
+from idia_engine.indexes.gpu import faiss_gpu_count
 
 SCORE_TOL = 1e-5
 DIM = 64
 
 
 def backends() -> list[str]:
-    """Every registered kind: a newly registered backend is tested without touching this file."""
-    return backend_kinds()
+    """Every registered per-template kind: a newly registered backend is tested without touching this file."""
+    return [k for k in backend_kinds() if issubclass(get_backend(k), NameIndexBackend)]
 
 
 # --- structured synthetic data and the oracle -----------------------------------------------------------
@@ -377,9 +398,11 @@ def test_exact_backends_reject_unknown_search_params(kind, world):
 
 def test_registry_holds_the_builtin_backends():
     kinds = backend_kinds()
-    assert {"flat", "dense"} <= set(kinds)
+    assert {"flat", "dense", "faiss", "ensemble"} <= set(kinds)
     assert kinds == sorted(kinds)
     for kind in kinds:
+        assert get_backend(kind).kind == kind
+    for kind in backends():
         cls = get_backend(kind)
         assert cls.kind == kind
         assert cls.file_suffix.startswith(".")
@@ -403,12 +426,12 @@ def test_unknown_backend_lists_known_kinds():
 def test_use_gpu_without_gpu_falls_back_to_cpu(kind, world, tmp_path, monkeypatch, caplog):
     if faiss_gpu_count() > 0 or torch.cuda.is_available():
         # On a GPU machine, simulate one without: the fallback path is what is under test.
-        monkeypatch.setattr("idia_engine.indexes.flat.faiss_gpu_count", lambda: 0)
+        monkeypatch.setattr("idia_engine.indexes.gpu.faiss_gpu_count", lambda: 0)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     caplog.set_level(logging.WARNING)
     cpu = build(kind, world["names"])
     gpu = build(kind, world["names"], use_gpu=True)
-    assert getattr(gpu, "on_gpu", False) is False
+    assert gpu.on_gpu is False
     s1, i1 = cpu.search(world["queries"], 10)
     s2, i2 = gpu.search(world["queries"], 10)
     np.testing.assert_array_equal(i1, i2)
@@ -416,7 +439,7 @@ def test_use_gpu_without_gpu_falls_back_to_cpu(kind, world, tmp_path, monkeypatc
     path = tmp_path / f"names{gpu.file_suffix}"
     gpu.save(path)
     loaded = get_backend(kind).load(path, use_gpu=True)
-    assert getattr(loaded, "on_gpu", False) is False
+    assert loaded.on_gpu is False
     s3, i3 = loaded.search(world["queries"], 10)
     np.testing.assert_array_equal(i1, i3)
     np.testing.assert_array_equal(s1, s3)
@@ -458,3 +481,253 @@ def test_flat_gpu_matches_cpu(world, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU")
 def test_dense_gpu_matches_cpu(world):
     _assert_matches_cpu(build("dense", world["names"]), build("dense", world["names"], use_gpu=True), world)
+
+
+# --- index kinds: built into a directory, searched through the engine's view of it -----------------------
+
+N_TEMPLATES = 3
+# Every kind's way through build and search: exact, IVF lists, codes scanned whole, no bound, the ensemble.
+KINDS = ["flat", "dense", "faiss:IVF16,SQ8", "faiss:SQ8", "faiss:HNSW16,Flat", "ensemble"]
+
+
+class FakeIndexData:
+    """The engine's opened index as far as searchers see it (data_dir, num_templates, load_template, vectors)."""
+
+    def __init__(self, data_dir: Path, kind: type[IndexKind], shape: tuple[int, int, int]):
+        self._data_dir, self._kind, self._shape = data_dir, kind, shape
+        self.loaded: list[int] = []
+
+    @property
+    def data_dir(self) -> Path:
+        return self._data_dir
+
+    @property
+    def num_templates(self) -> int:
+        return self._shape[0]
+
+    def load_template(self, t: int, *, use_gpu: bool = False) -> NameIndexBackend:
+        backend = self._kind.load(self._data_dir / template_file(t, self._kind.file_suffix), use_gpu=use_gpu)
+        assert (backend.ntotal, backend.dim) == self._shape[1:]
+        self.loaded.append(t)
+        return backend
+
+    def vectors(self, t: int) -> np.ndarray:
+        return np.load(self._data_dir / vectors_file(t), mmap_mode="r")
+
+
+@pytest.fixture(scope="module")
+def template_world(world) -> dict:
+    """N_TEMPLATES views of the world's names (each perturbed and renormalised), the world's image queries."""
+    rng = np.random.default_rng(11)
+    views = [_unit(world["names"] + 0.15 * _unit(rng.standard_normal(world["names"].shape))).astype(np.float32)
+             for _ in range(N_TEMPLATES)]
+    q64 = world["queries"].astype(np.float64)
+    sims = [np.sort(q64 @ v.astype(np.float64).T, axis=1)[:, ::-1] for v in views]
+    assert min(float((s[:, 0] - s[:, 1]).min()) for s in sims) > 10 * SCORE_TOL, "regenerate: top-1 near-tie"
+    top1 = np.stack([np.argmax(q64 @ v.astype(np.float64).T, axis=1) for v in views], axis=1)
+    return {"views": views, "queries": world["queries"], "top1": top1}
+
+
+def build_dir(kind: str, views: list[np.ndarray], out: Path) -> FakeIndexData:
+    """What the engine's build does: each template's rows on disk, build_template, finish_build; exact kinds
+    then drop the raw rows (they answer from their own)."""
+    cls = get_backend(kind)
+    for t, rows in enumerate(views):
+        np.save(out / vectors_file(t), rows)
+        cls.build_template(t, np.load(out / vectors_file(t), mmap_mode="r"), out, use_gpu=False, search_params={})
+    steps: list[tuple[str, int, int]] = []
+    cls.finish_build(out, [np.load(out / vectors_file(t), mmap_mode="r") for t in range(len(views))],
+                     progress=lambda *a: steps.append(a))
+    if cls.exact_search:
+        for t in range(len(views)):
+            (out / vectors_file(t)).unlink()
+    if kind == "ensemble":
+        assert steps and steps[-1][1] == steps[-1][2]  # the ensemble build reports progress to its end
+    return FakeIndexData(out, cls, (len(views), *views[0].shape))
+
+
+def search_all(data: FakeIndexData, kind: str, queries: np.ndarray, k: int, params: Mapping[str, Any] | None,
+               fallback: bool) -> dict:
+    """Every searcher of the kind once, in turn (as the engine iterates them): results per template."""
+    out: dict = {}
+    for searcher in get_backend(kind).open_searchers(data, use_gpu=False):
+        res = searcher.search(queries, k, params, fallback)
+        assert res.templates == searcher.templates
+        for j, t in enumerate(res.templates):
+            assert t not in out, "a template answered twice"
+            out[t] = (res.scores[:, j], res.ids[:, j], res.exact_by_index[:, j], res.certified[:, j],
+                      res.fell_back[:, j], res.uncertified_kept[:, j])
+        assert res.scores.dtype == np.float32 and res.ids.dtype == np.int64
+        assert res.scores.shape == res.ids.shape == (len(queries), len(res.templates), k)
+        assert res.certified.shape == res.fell_back.shape == res.exact_by_index.shape == res.ids.shape[:2]
+    assert sorted(out) == list(range(data.num_templates))
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kind_builds_a_directory_and_searches_it_exactly(kind, template_world, tmp_path):
+    data = build_dir(kind, template_world["views"], tmp_path)
+    cls = get_backend(kind)
+    if issubclass(cls, NameIndexBackend):
+        for t in range(N_TEMPLATES):
+            assert (tmp_path / template_file(t, cls.file_suffix)).is_file()
+    else:
+        assert sorted(p.name for p in (tmp_path / "ensemble").iterdir()) == [
+            "ensemble.json", "means.npy", "offsets.npy", "radius.npy", "radius_name.npy"]
+    params = {"candidates": 32} if kind == "ensemble" else None
+    results = search_all(data, kind, template_world["queries"], 3, params, fallback=True)
+    for t, (scores, ids, by_index, certified, fell_back, kept) in results.items():
+        np.testing.assert_array_equal(ids[:, 0], template_world["top1"][:, t], err_msg=f"{kind} template {t}")
+        assert_rows_ordered(scores, ids)
+        assert not kept.any()
+        if cls.exact_search:
+            assert by_index.all() and not certified.any() and not fell_back.any()
+        else:
+            assert not by_index.any() and (certified | fell_back).all() and not (certified & fell_back).any()
+    if kind == "faiss:HNSW16,Flat":  # no bound: every answer is the brute force's
+        assert all(r[4].all() for r in results.values())
+    if kind == "faiss:SQ8":  # codes scanned whole: the certificate holds for most image queries
+        assert np.mean([r[3].mean() for r in results.values()]) > 0.5
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if not get_backend(k).exact_search])
+def test_kind_without_fallback_flags_what_it_could_not_certify(kind, template_world, tmp_path):
+    data = build_dir(kind, template_world["views"], tmp_path)
+    results = search_all(data, kind, template_world["queries"], 1, None, fallback=False)
+    for t, (_, ids, by_index, certified, fell_back, kept) in results.items():
+        assert not fell_back.any() and not by_index.any()
+        np.testing.assert_array_equal(kept, ~certified)
+        np.testing.assert_array_equal(ids[certified, 0], template_world["top1"][certified, t])
+
+
+def test_per_template_searchers_load_one_template_at_a_time(template_world, tmp_path):
+    data = build_dir("flat", template_world["views"], tmp_path)
+    searchers = get_backend("flat").open_searchers(data, use_gpu=False)
+    first = next(searchers)
+    assert data.loaded == [0] and first.templates == (0,)
+    first.search(template_world["queries"], 1, None, True)
+    second = next(searchers)
+    assert data.loaded == [0, 1] and second.templates == (1,)
+    with pytest.raises(RuntimeError, match="moved on"):  # the first template's index was let go
+        first.search(template_world["queries"], 1, None, True)
+    searchers.close()
+
+
+def test_build_template_refuses_too_few_names_to_train(tmp_path):
+    rows = _unit(np.random.default_rng(0).standard_normal((30, DIM))).astype(np.float32)
+    with pytest.raises(InputError, match=r"index faiss:IVF64,Flat needs at least 64 names to train, the names "
+                                         r"file holds 30; choose a smaller index \(e\.g\. --index flat\)"):
+        get_backend("faiss:IVF64,Flat").build_template(0, rows, tmp_path, use_gpu=False, search_params={})
+
+
+def test_build_template_passes_search_params_and_trains_on_a_seeded_sample(world, tmp_path):
+    for out in (tmp_path / "a", tmp_path / "b"):
+        out.mkdir()
+        get_backend("faiss:IVF16,Flat").build_template(0, world["names"], out, use_gpu=False,
+                                                       search_params={"nprobe": 5})
+    built = get_backend("faiss:IVF16,Flat").load(tmp_path / "a" / template_file(0, ".faiss"))
+    assert built.search_params == {"nprobe": 5} and built.ntotal == len(world["names"])
+    assert (tmp_path / "a" / template_file(0, ".faiss")).read_bytes() == (
+        tmp_path / "b" / template_file(0, ".faiss")).read_bytes()  # the same sample, the same index
+
+
+# --- the ensemble kind and the base classes' defaults ------------------------------------------------------
+
+
+def test_ensemble_is_a_registered_kind():
+    assert "ensemble" in backend_kinds()
+    cls = get_backend("ensemble")
+    assert cls is EnsembleIndex and issubclass(cls, IndexKind) and not issubclass(cls, NameIndexBackend)
+    assert cls.kind == "ensemble" and cls.exact_search is False
+    import inspect
+
+    assert inspect.signature(TemplateEnsemble.search).parameters["candidates"].default == DEFAULT_CANDIDATES
+
+
+def test_importing_the_package_first_works():
+    """The indexes package imports without the engine package having been imported before it."""
+    subprocess.run([sys.executable, "-c", "import idia_engine.indexes as i; i.get_backend('ensemble')"], check=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "dense", "ensemble"])
+def test_kind_without_spec_refuses_one(kind):
+    with pytest.raises(UnknownBackendError) as info:
+        get_backend(f"{kind}:IVF64,Flat")
+    assert str(info.value) == f"index kind {kind!r} takes no spec, got {kind + ':IVF64,Flat'!r}"
+
+
+@pytest.mark.parametrize("kind", ["flat", "dense"])
+def test_exact_backends_refuse_default_search_params(kind):
+    with pytest.raises(VectorFormatError, match=r"takes no search parameters, got \['nprobe'\]"):
+        get_backend(kind).create(DIM, search_params={"nprobe": 8})
+    assert get_backend(kind).create(DIM, search_params={}).ntotal == 0
+
+
+class _ListBackend(NameIndexBackend):
+    """The smallest per-template backend: exact numpy search, relying on every default of the base class."""
+
+    kind: ClassVar[str] = "test-list"  # not registered
+    file_suffix: ClassVar[str] = ".npy"
+
+    def __init__(self, dim: int):
+        self._rows = np.zeros((0, dim), np.float32)
+
+    @classmethod
+    def create(cls, dim, *, use_gpu=False, search_params=None):
+        return cls(dim)
+
+    @classmethod
+    def load(cls, path, *, use_gpu=False):
+        backend = cls(0)
+        backend._rows = np.load(path)
+        return backend
+
+    @property
+    def dim(self) -> int:
+        return self._rows.shape[1]
+
+    @property
+    def ntotal(self) -> int:
+        return len(self._rows)
+
+    def add(self, vectors):
+        self._rows = np.concatenate([self._rows, as_vectors(vectors, self.dim)])
+
+    def search(self, queries, k, params=None):
+        sims = as_vectors(queries, self.dim) @ self._rows.T
+        ids = np.broadcast_to(np.arange(self.ntotal), sims.shape)
+        s, i = sort_topk(sims, ids)
+        return s[:, :k], i[:, :k]
+
+    def save(self, path):
+        np.save(path, self._rows)
+
+
+def test_base_class_defaults(world):
+    backend = _ListBackend.create(DIM)
+    assert not backend.needs_training and backend.min_train_size == 1 and backend.recommended_train_size == 1
+    assert backend.on_gpu is False and backend.exact_search is False
+    backend.train(world["names"][:10])  # nothing to learn
+    assert backend.ntotal == 0
+    with pytest.raises(VectorFormatError, match="training sample"):
+        backend.train(np.zeros((3, DIM + 1), np.float32))
+    backend.add(world["names"])
+    cand = backend.search_candidates(world["queries"], 5)
+    assert cand.ids.shape == (len(world["queries"]), 5) and (cand.bound == np.inf).all()  # nothing known
+    assert (backend.search_candidates(world["queries"], len(world["names"])).bound == -np.inf).all()
+    with pytest.raises(UnknownBackendError, match="takes no spec"):
+        _ListBackend.with_spec("x")
+
+
+@pytest.mark.parametrize("kind", ["flat", "dense"])
+def test_exact_backends_bound_left_out_rows_by_the_last_score(kind, world):
+    names, queries = world["names"], world["queries"]
+    backend = build(kind, names)
+    cand = backend.search_candidates(queries, 10)
+    sims = queries.astype(np.float64) @ names.astype(np.float64).T
+    np.put_along_axis(sims, cand.ids, -np.inf, axis=1)
+    assert (sims.max(axis=1) <= cand.bound).all()  # every row left out scores at most the bound
+    slack = cand.bound - cand.scores[:, -1].astype(np.float64)
+    assert (slack > 0).all() and (slack <= 2 * gamma(DIM)).all()  # the k'-th score plus float32 rounding only
+    assert (backend.search_candidates(queries, len(names)).bound == -np.inf).all()
+    assert (backend.search_candidates(queries, 0).bound == np.inf).all()
