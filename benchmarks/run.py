@@ -36,7 +36,7 @@ from idia_engine.indexes import get_backend
 from idia_engine.indexes.choice import estimate_index_bytes, ivf_nlist
 from idia_engine.indexes.ensemble import TemplateEnsemble
 from idia_engine.indexes.exact import Exactness, search_exact
-from idia_engine.indexes.flat import faiss_gpu_count
+from idia_engine.indexes.gpu import faiss_gpu_count
 
 from .synthetic import SyntheticConfig, SyntheticNames
 
@@ -84,6 +84,22 @@ class BenchConfig:
     out: Path = Path("benchmarks/results/latest")  # output folder
     name: str = ""  # label stored in the results
 
+    def __post_init__(self) -> None:
+        """Every option checked when the config is made (also by dataclasses.replace); InputError names it."""
+        if not self.sizes or any(n < 10 for n in self.sizes):
+            raise InputError(f"--size must be >= 10 names, got {list(self.sizes)}")
+        if self.dim < 16:
+            raise InputError(f"--dim must be >= 16, got {self.dim}")
+        for flag, value in (("--persons", self.persons), ("--persons", self.persons_large),
+                            ("images per person", self.images_per_person), ("--candidates", self.candidates)):
+            if value < 1:
+                raise InputError(f"{flag} must be >= 1, got {value}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise InputError(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["out"] = str(self.out)
@@ -92,21 +108,6 @@ class BenchConfig:
 
 QUICK = {"sizes": (500,), "dim": 64, "templates": 5, "persons": 6, "persons_large": 6, "images_per_person": 5,
          "text_encoder_prompts": 0, "hnsw_max_names": 1_000, "candidates": 64}
-
-
-def check_config(config: BenchConfig) -> None:
-    """Raise InputError naming the bad option."""
-    if not config.sizes or any(n < 10 for n in config.sizes):
-        raise InputError(f"--size must be >= 10 names, got {list(config.sizes)}")
-    if config.dim < 16:
-        raise InputError(f"--dim must be >= 16, got {config.dim}")
-    if config.persons < 1 or config.persons_large < 1 or config.images_per_person < 1:
-        raise InputError("--persons and images per person must be >= 1")
-    bad = [m for m in config.methods if m not in METHODS]
-    if bad or not config.methods:
-        raise InputError(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
-    if config.device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"--device must be auto, cpu or cuda, got {config.device!r}")
 
 
 def machine_info() -> dict[str, Any]:
@@ -339,7 +340,6 @@ def text_encoder_bench(prompts: int, device: str) -> dict[str, Any]:
 
 def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run every size (smallest first), write results.json, results.md and throughput.png to config.out."""
-    check_config(config)
     progress = progress or (lambda stage, done, total: None)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -444,7 +444,6 @@ __all__ = [
     "METHODS",
     "QUICK",
     "BenchConfig",
-    "check_config",
     "default_out",
     "markdown_table",
     "run_bench",

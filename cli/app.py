@@ -8,6 +8,7 @@ Library errors (IdiaError) become one line on stderr and the error's exit code (
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,8 +153,8 @@ def build_index_cmd(
 def _budget_bytes(gib: float) -> int:
     from idia_engine.engine.errors import InputError
 
-    if not gib > 0:
-        raise InputError(f"--memory-budget must be a positive number of GiB, got {gib}")
+    if not (gib > 0 and math.isfinite(gib)):
+        raise InputError(f"--memory-budget must be a positive, finite number of GiB, got {gib}")
     return int(gib * 2**30)
 
 
@@ -367,7 +368,6 @@ def bench_cmd(
     import dataclasses
 
     from idia_engine.benchmarks import run as bench
-    from idia_engine.engine.errors import InputError
     from rich.markdown import Markdown
 
     _setup_logging(verbose)
@@ -379,12 +379,8 @@ def bench_cmd(
         if dim is not None:
             changes["dim"] = dim
         if persons is not None:
-            if persons < 1:
-                raise InputError(f"--persons must be >= 1, got {persons}")
             changes["persons"] = changes["persons_large"] = persons
         if candidates is not None:
-            if candidates < 1:
-                raise InputError(f"--candidates must be >= 1, got {candidates}")
             changes["candidates"] = candidates
         if methods:
             changes["methods"] = tuple(m.strip() for m in methods.split(",") if m.strip())

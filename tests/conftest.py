@@ -14,7 +14,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from idia_engine.engine.demo.synthetic import tiny_names, write_faces, write_tiny_model  # noqa: E402
+from idia_engine.engine.demo.faces import write_faces
+from idia_engine.engine.demo.tiny_model import tiny_names, write_tiny_model  # noqa: E402
 from idia_engine.engine.model.load import ModelSpec, load_model  # noqa: E402
 
 torch.set_num_threads(2)

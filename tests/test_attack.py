@@ -1,4 +1,4 @@
-"""Paper-mode vote rule (IDIA.md, "Paper mode" steps 4-6): the vectorised engine against a plain oracle.
+"""Paper-mode vote rule (docs/attack.md, steps 4-6): the vectorised engine against a plain oracle.
 
 The oracle below is written independently of engine/attack.py, with Python loops and collections.Counter:
 - step 4: per image and template, the predicted name is the arg-max of the similarity over all names

@@ -1,4 +1,4 @@
-"""Every bad input of issue 5, end to end through the real typer app, as one table.
+"""Every bad input, end to end through the real typer app, as one table.
 
 Each row writes one bad input into its own folder and runs `idia-engine`. An error row must end with
 the row's exit code (2 = bad input or usage, 1 = runtime failure), exactly one line on stderr naming
@@ -28,7 +28,7 @@ import idia_engine.engine.query.store as store_mod
 import numpy as np
 import pytest
 from idia_engine.cli.app import app
-from idia_engine.engine.demo.synthetic import write_tiny_model
+from idia_engine.engine.demo.tiny_model import write_tiny_model
 from PIL import Image
 from typer.testing import CliRunner
 

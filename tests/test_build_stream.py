@@ -6,12 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from idia_engine.engine.demo.synthetic import tiny_names
-from idia_engine.engine.index import build as name_index
-from idia_engine.engine.index.build import BuildConfig, build_index, open_index, vectors_file
+from idia_engine.engine.demo.tiny_model import tiny_names
+from idia_engine.engine.index import encode as index_encode
+from idia_engine.engine.index.build import BuildConfig, build_index
+from idia_engine.engine.index.reader import open_index
 from idia_engine.engine.model.load import load_model
 from idia_engine.engine.query.report import load_predictions
 from idia_engine.engine.query.run import QueryConfig, run_query
+from idia_engine.indexes import vectors_file
 
 TWO_TEMPLATES = ("a photo of {0}", "{0} at a gala")
 
@@ -45,7 +47,7 @@ class CountingModel:
 def test_an_interrupted_build_resumes_without_re_encoding_and_gives_the_same_index(
         tiny_model, tiny_spec, many_names, tmp_path, monkeypatch):
     names_file, names = many_names
-    monkeypatch.setattr(name_index, "COMMIT_EVERY_S", 0.0)  # commit after every batch
+    monkeypatch.setattr(index_encode, "COMMIT_EVERY_S", 0.0)  # commit after every batch
     config = BuildConfig(names_file=names_file, index_dir=tmp_path / "idx", model=tiny_spec,
                          templates=TWO_TEMPLATES, index_kind="IVF4,Flat", batch_size=64)
     interrupted = CountingModel(tiny_model, stop_after=7)  # template 0 done (5 batches), 2 of template 1
@@ -72,7 +74,7 @@ def test_an_interrupted_build_resumes_without_re_encoding_and_gives_the_same_ind
 def test_a_build_for_other_inputs_does_not_resume_a_foreign_one(tiny_model, tiny_spec, many_names, tmp_path,
                                                                monkeypatch):
     names_file, _ = many_names
-    monkeypatch.setattr(name_index, "COMMIT_EVERY_S", 0.0)
+    monkeypatch.setattr(index_encode, "COMMIT_EVERY_S", 0.0)
     base = dict(names_file=names_file, index_dir=tmp_path / "idx", model=tiny_spec, templates=TWO_TEMPLATES,
                 batch_size=64)
     with pytest.raises(KeyboardInterrupt):

@@ -1,4 +1,4 @@
-"""Processes and threads sharing one index and one embedding store (issue 5).
+"""Processes and threads sharing one index and one embedding store.
 
 Two real `idia-engine query` processes over the same index and store at once; many processes with many
 threads reading one store; a reader table smaller than the threads that read.
@@ -20,7 +20,7 @@ import idia_engine.engine.query.store as store_mod
 import numpy as np
 import pytest
 from idia_engine.cli.app import app
-from idia_engine.engine.demo.synthetic import write_faces
+from idia_engine.engine.demo.faces import write_faces
 from idia_engine.engine.query.images import collect_from_folder, hash_images
 from idia_engine.engine.query.store import EmbeddingStore
 from typer.testing import CliRunner

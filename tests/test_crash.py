@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from idia_engine.engine.demo.synthetic import tiny_names, write_faces
+from idia_engine.engine.demo.faces import write_faces
+from idia_engine.engine.demo.tiny_model import tiny_names
 
 pytestmark = pytest.mark.slow
 

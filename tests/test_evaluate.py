@@ -1,4 +1,4 @@
-"""The evaluation protocol (IDIA.md point 8) over a hand-made report: numbers worked out on paper.
+"""The evaluation protocol (docs/attack.md, step 8) over a hand-made report: numbers worked out on paper.
 
 The hand case: T = 3 templates, candidates Anna=0, Bob=1, Carl=2, Dora=3, "Fake One"=4. Top-1 predictions
 per image (one id per template) and what follows from the unique-plurality vote:
@@ -38,18 +38,9 @@ from idia_engine.engine.errors import (
     IdiaError,
     InputError,
 )
-from idia_engine.engine.evaluate.protocol import (
-    NOT_A_CANDIDATE,
-    PAPER_N_VALUES,
-    EvalConfig,
-    ImageDraws,
-    best_tpr_at_fpr,
-    compute_evaluation,
-    evaluate_report,
-    occurrence_bins,
-    roc_auc,
-    threshold_counts,
-)
+from idia_engine.engine.evaluate.population import NOT_A_CANDIDATE, ImageDraws
+from idia_engine.engine.evaluate.protocol import PAPER_N_VALUES, EvalConfig, compute_evaluation, evaluate_report
+from idia_engine.engine.evaluate.statistics import best_tpr_at_fpr, occurrence_bins, roc_auc, threshold_counts
 from idia_engine.engine.query.labels import read_label_table, read_labels
 from idia_engine.engine.query.report import (
     REPORT_ARTIFACT,
@@ -585,19 +576,20 @@ def test_labels_that_name_nobody_of_the_report(tmp_path):
     assert str(labels) in one_line_error(InputError, evaluate_report, report, labels)
 
 
-@pytest.mark.parametrize("config, must_name", [
-    (EvalConfig(n_values=()), "empty"),
-    (EvalConfig(n_values=(1, 0)), "0"),
-    (EvalConfig(n_values=(-3,)), "-3"),
-    (EvalConfig(draws=0), "draws"),
-    (EvalConfig(tau=0), "1..3"),
-    (EvalConfig(tau=4), "1..3"),
-    (EvalConfig(seed=-1), "seed"),
-    (EvalConfig(low_fpr_targets=(1.5,)), "1.5"),
+@pytest.mark.parametrize("options, must_name", [
+    (dict(n_values=()), "empty"),
+    (dict(n_values=(1, 0)), "0"),
+    (dict(n_values=(-3,)), "-3"),
+    (dict(draws=0), "draws"),
+    (dict(tau=0), "1..3"),
+    (dict(tau=4), "1..3"),
+    (dict(seed=-1), "seed"),
+    (dict(low_fpr_targets=(1.5,)), "1.5"),
 ])
-def test_bad_options(hand_report, config, must_name):
+def test_bad_options(hand_report, options, must_name):
     report, labels = hand_report
-    assert must_name in one_line_error(InputError, evaluate_report, report, labels, config)
+    # The config checks itself when made (tau, whose range depends on the report, when the report is read).
+    assert must_name in one_line_error(InputError, lambda: evaluate_report(report, labels, EvalConfig(**options)))
     assert not (report / "evaluation").exists()
 
 

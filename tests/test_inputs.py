@@ -135,7 +135,7 @@ def test_read_names_200k_lines_is_fast(tmp_path):
 # Templates
 # ----------------------------------------------------------------------------------------------------
 
-# Written out from shared/IDIA.md, "Paper mode" step 1, in order.
+# Written out from docs/attack.md, step 1, in order.
 SPEC_TEMPLATES = [
     "{0}", "an image of {0}", "a photo of {0}", "{0} on a photo", "a photo of a person named {0}",
     "a person named {0}", "a man named {0}", "a woman named {0}", "the name of the person is {0}",

@@ -10,7 +10,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from idia_engine.engine.demo.synthetic import TINY_MODEL_CONFIG, write_tiny_model
+from idia_engine.engine.demo.tiny_model import TINY_MODEL_CONFIG, write_tiny_model
 from idia_engine.engine.errors import DeviceError, InputError, ModelLoadError, WeightsUnavailableError
 from idia_engine.engine.model.load import ModelSpec, load_model
 

@@ -259,7 +259,7 @@ def test_interrupted_encoding_resumes_after_the_last_committed_batch(tmp_path, w
 
 
 def test_weights_changed_after_build_fail_fast(tmp_path, world):
-    from idia_engine.engine.demo.synthetic import write_tiny_model
+    from idia_engine.engine.demo.tiny_model import write_tiny_model
 
     config, ckpt = write_tiny_model(tmp_path / "m", seed=3)
     idx = tmp_path / "idx"

@@ -12,7 +12,7 @@ import pytest
 from idia_engine.engine.candidates.made_up import generate_names
 from idia_engine.engine.candidates.prompt_lengths import check_prompt_lengths
 from idia_engine.engine.candidates.templates import PAPER_TEMPLATES, render
-from idia_engine.engine.demo.synthetic import TINY_MODEL_CONFIG, tiny_names
+from idia_engine.engine.demo.tiny_model import TINY_MODEL_CONFIG, tiny_names
 
 TEMPLATES = list(PAPER_TEMPLATES)
 GLUED = ["{0}'s photo", "({0})", "photo:{0}.jpg"]  # the placeholder touching other characters

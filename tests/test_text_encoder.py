@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from idia_engine.benchmarks.text_encoder import benchmark_text_encoder
 from idia_engine.engine.candidates.templates import PAPER_TEMPLATES, render
-from idia_engine.engine.demo.synthetic import TINY_MODEL_CONFIG, tiny_names
+from idia_engine.engine.demo.tiny_model import TINY_MODEL_CONFIG, tiny_names
 from idia_engine.engine.model.load import LoadedModel, Precision, load_model
 from idia_engine.engine.model.text_encoder import (
     TextEncoder,

@@ -8,6 +8,7 @@ naming the file and line. The file is read line by line, so 10^6 names are a nor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import unicodedata
 from dataclasses import dataclass, field
@@ -22,6 +23,14 @@ log = logging.getLogger(__name__)
 def normalize_name(name: str) -> str:
     """The canonical form of a person's name: NFC, surrounding whitespace stripped."""
     return unicodedata.normalize("NFC", name.strip())
+
+
+def name_hash64(name: str) -> int:
+    """A stable 64-bit key of a name: the first 8 bytes of the SHA-256 of its UTF-8, little-endian.
+
+    Seeded draws per person (query's --images-per-person, evaluate's draws) mix it into their seed, so that a
+    person's draw depends on nothing but the seed and the name."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
 
 
 def check_name(name: str, *, where: str) -> None:

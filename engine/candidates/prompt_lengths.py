@@ -118,7 +118,7 @@ def check_prompt_lengths(tokenizer, templates: list[str], names: list[str], cont
     report = PromptLengthReport(context_length=int(context_length), names_checked=len(names),
                                 templates_checked=len(templates), method="skipped",
                                 truncated_per_template=[0] * len(templates))
-    plan = _plan(tokenizer, templates)
+    plan = _template_token_plan(tokenizer, templates)
     if isinstance(plan, str):
         report.skipped_reason = plan
         report.seconds = time.perf_counter() - t0
@@ -189,7 +189,7 @@ def _split_template(template: str) -> tuple[str, str, str, str]:
     return prefix[:m.start()], prefix[m.start():], suffix[:n.end()], suffix[n.end():]
 
 
-def _plan(tokenizer, templates: list[str]):
+def _template_token_plan(tokenizer, templates: list[str]):
     """(method, fixed tokens per template, name bound function, exact length function), or why not."""
     if callable(getattr(tokenizer, "encode", None)) and hasattr(tokenizer, "sot_token_id"):
         encode: Callable[[str], list[int]] = tokenizer.encode

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..disk.textfiles import decode_utf8, read_input_bytes
 from ..errors import InputError
 
-# Paper mode, in this order (Hintersdorf et al., JAIR 2024; see shared/IDIA.md). Do not edit.
+# Paper mode, in this order (Hintersdorf et al., JAIR 2024; docs/attack.md, step 1). Do not edit.
 PAPER_TEMPLATES: tuple[str, ...] = (
     "{0}",
     "an image of {0}",

@@ -26,7 +26,8 @@ from pathlib import Path
 from ..candidates.made_up import generate_names
 from ..errors import ArtifactExistsError, InputError
 from ..evaluate.protocol import EvalConfig, EvalResult, evaluate_report
-from ..index.build import BuildConfig, IndexManifest, build_index
+from ..index.build import BuildConfig, build_index
+from ..index.layout import IndexManifest
 from ..model.load import ModelSpec
 from ..progress import Progress, no_progress
 from ..query.run import QueryConfig, QueryResult, run_query

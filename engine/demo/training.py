@@ -13,7 +13,7 @@ other than torch's own intra-op kernels.
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..disk.atomic import write_json_atomic
+from ..disk.atomic import write_bytes_atomic, write_json_atomic
 from ..progress import Progress, no_progress
 from .world import World
 
@@ -68,73 +68,94 @@ def train_clip_on_world(world: World, out_dir: Path, config: TrainConfig = Train
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = open_clip.CLIP(**model_config)
-        preprocess = open_clip.transform.image_transform_v2(
-            open_clip.transform.PreprocessCfg(size=model_config["vision_cfg"]["image_size"]), is_train=False)
-        tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_config["text_cfg"]["context_length"])
-
-        pairs = world.training_pairs
-        progress("render training data", 0, len(pairs))
-        images = torch.empty((len(pairs), 3, *([model_config["vision_cfg"]["image_size"]] * 2)))
-        for i, pair in enumerate(pairs):
-            images[i] = preprocess(world.render_training_image(pair))
-            if i % 256 == 255 or i == len(pairs) - 1:
-                progress("render training data", i + 1, len(pairs))
-        texts = tokenizer([p.caption for p in pairs])
-
-        loss_fn = open_clip.ClipLoss()
-        # The token embedding (49,408 x width) is most of the model, yet a batch touches a few hundred of
-        # its rows: sparse gradients and SparseAdam update only those rows, which makes a step ~2x cheaper
-        # on a CPU. Everything else trains with AdamW as usual.
-        model.token_embedding.sparse = True
-        dense_params = [p for n, p in model.named_parameters() if n != "token_embedding.weight"]
-        optimizers = [torch.optim.SparseAdam([model.token_embedding.weight], lr=config.lr),
-                      torch.optim.AdamW(dense_params, lr=config.lr, weight_decay=config.weight_decay)]
-        steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
-        total_steps = steps_per_epoch * config.epochs
-        warmup = max(1, int(total_steps * config.warmup_fraction))
-
-        def lr_at(step: int) -> float:
-            if step < warmup:
-                return config.lr * (step + 1) / warmup
-            return 0.5 * config.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-        order_rng = torch.Generator().manual_seed(config.seed)
-        model.train()
-        step, loss_value = 0, float("nan")
-        progress("train", 0, total_steps)
-        for _ in range(config.epochs):
-            order = torch.randperm(len(pairs), generator=order_rng)
-            for start in range(0, len(pairs), config.batch_size):
-                batch = order[start:start + config.batch_size]
-                if len(batch) < 2:
-                    continue  # a contrastive loss needs negatives
-                for optimizer in optimizers:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(step)
-                image_features, text_features, logit_scale = model(images[batch], texts[batch])[:3]
-                loss = loss_fn(image_features, text_features, logit_scale)
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for optimizer in optimizers:
-                    optimizer.step()
-                with torch.no_grad():  # CLIP's clamp: the temperature may not exceed 100
-                    model.logit_scale.clamp_(0, math.log(100))
-                loss_value = float(loss.detach())
-                step += 1
-                progress("train", step, total_steps)
-
+        images, texts = _training_data(world, model_config, progress)
+        steps, loss = _train(model, images, texts, config, progress)
     model.token_embedding.sparse = False  # a plain open_clip model again
     config_path = out_dir / "model-config.json"
     write_json_atomic(config_path, model_config)
     checkpoint_path = out_dir / "checkpoint.pt"
-    tmp = checkpoint_path.with_name(checkpoint_path.name + ".tmp")
-    torch.save({"state_dict": model.state_dict()}, tmp)
-    tmp.replace(checkpoint_path)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict()}, buffer)
+    write_bytes_atomic(checkpoint_path, buffer.getvalue())
     seconds = time.perf_counter() - t0
-    (out_dir / "training.json").write_text(json.dumps(
-        {"pairs": len(pairs), "epochs": config.epochs, "steps": step, "batch_size": config.batch_size,
-         "lr": config.lr, "seed": config.seed, "final_loss": loss_value, "seconds": round(seconds, 1)},
-        indent=2) + "\n", encoding="utf-8")
-    return TrainedModel(config_path, checkpoint_path, len(pairs), step, seconds, loss_value)
+    write_json_atomic(out_dir / "training.json",
+                      {"pairs": len(texts), "epochs": config.epochs, "steps": steps, "batch_size": config.batch_size,
+                       "lr": config.lr, "seed": config.seed, "final_loss": loss, "seconds": round(seconds, 1)})
+    return TrainedModel(config_path, checkpoint_path, len(texts), steps, seconds, loss)
 
+
+def _training_data(world: World, model_config: dict, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training pair's image through the model's own validation preprocessing, and its caption's tokens."""
+    import open_clip
+
+    size = model_config["vision_cfg"]["image_size"]
+    preprocess = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(size=size), is_train=False)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_config["text_cfg"]["context_length"])
+    pairs = world.training_pairs
+    progress("render training data", 0, len(pairs))
+    images = torch.empty((len(pairs), 3, size, size))
+    for i, pair in enumerate(pairs):
+        images[i] = preprocess(world.render_training_image(pair))
+        if i % 256 == 255 or i == len(pairs) - 1:
+            progress("render training data", i + 1, len(pairs))
+    return images, tokenizer([p.caption for p in pairs])
+
+
+def _optimizers(model: torch.nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    # The token embedding (49,408 x width) is most of the model, yet a batch touches a few hundred of
+    # its rows: sparse gradients and SparseAdam update only those rows, which makes a step ~2x cheaper
+    # on a CPU. Everything else trains with AdamW as usual.
+    model.token_embedding.sparse = True
+    dense_params = [p for n, p in model.named_parameters() if n != "token_embedding.weight"]
+    return [torch.optim.SparseAdam([model.token_embedding.weight], lr=config.lr),
+            torch.optim.AdamW(dense_params, lr=config.lr, weight_decay=config.weight_decay)]
+
+
+def _lr_schedule(config: TrainConfig, total_steps: int):
+    """Linear warm-up, then cosine decay to 0."""
+    warmup = max(1, int(total_steps * config.warmup_fraction))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return config.lr * (step + 1) / warmup
+        return 0.5 * config.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    return lr_at
+
+
+def _train(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, config: TrainConfig,
+           progress: Progress) -> tuple[int, float]:
+    """The training loop; returns (steps taken, last loss)."""
+    import open_clip
+
+    loss_fn = open_clip.ClipLoss()
+    optimizers = _optimizers(model, config)
+    n = len(texts)
+    total_steps = math.ceil(n / config.batch_size) * config.epochs
+    lr_at = _lr_schedule(config, total_steps)
+    order_rng = torch.Generator().manual_seed(config.seed)
+    model.train()
+    step, loss_value = 0, float("nan")
+    progress("train", 0, total_steps)
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=order_rng)
+        for start in range(0, n, config.batch_size):
+            batch = order[start:start + config.batch_size]
+            if len(batch) < 2:
+                continue  # a contrastive loss needs negatives
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+            image_features, text_features, logit_scale = model(images[batch], texts[batch])[:3]
+            loss = loss_fn(image_features, text_features, logit_scale)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            with torch.no_grad():  # CLIP's clamp: the temperature may not exceed 100
+                model.logit_scale.clamp_(0, math.log(100))
+            loss_value = float(loss.detach())
+            step += 1
+            progress("train", step, total_steps)
+    return step, loss_value

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .synthetic import identity_traits, render_face
+from .faces import identity_traits, render_face
 
 # Captions used in training. Some are among the attack's 21 templates, the others are not: a real
 # model sees its people in captions that nobody writes as attack prompts.

@@ -35,7 +35,7 @@ _hits: Counter[str] = Counter()
 _parsed: tuple[str, dict[str, list[tuple[int, str]]]] | None = None
 
 
-def _plan() -> dict[str, list[tuple[int, str]]]:
+def _asked_faults() -> dict[str, list[tuple[int, str]]]:
     global _parsed
     raw = os.environ.get(ENV, "")
     if _parsed is None or _parsed[0] != raw:
@@ -52,7 +52,7 @@ def _plan() -> dict[str, list[tuple[int, str]]]:
 
 def fault_point(point: str) -> None:
     """Kill or pause here if IDIA_FAULT asks for it (see the module docstring); otherwise do nothing."""
-    plan = _plan()
+    plan = _asked_faults()
     if point not in plan:
         return
     _hits[point] += 1

@@ -197,7 +197,7 @@ def _ensure_cached(what: str, fetch: Callable[[], Any]) -> Any:
 
 
 @dataclass
-class _Plan:
+class _LoadPlan:
     """How to call open_clip for a ModelSpec (internal)."""
 
     info_model: str
@@ -211,8 +211,14 @@ class _Plan:
     offline_create: bool = True  # call open_clip with the hub in offline mode (everything is cached)
 
 
+# Model-config JSONs given by path are registered with open_clip, which only takes files: they are written
+# once per process into one temporary directory (removed when the process ends), named by content hash.
+_CONFIG_DIR: tempfile.TemporaryDirectory | None = None
+
+
 def _register_config_file(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Register a model-config JSON with open_clip under a unique name; return (name, config, preprocess)."""
+    global _CONFIG_DIR
     import open_clip
 
     try:
@@ -231,22 +237,30 @@ def _register_config_file(path: Path) -> tuple[str, dict[str, Any], dict[str, An
         )
     text = json.dumps(obj, sort_keys=True)
     name = f"idia-custom-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    folder = Path(tempfile.mkdtemp(prefix="idia-model-config-"))
-    (folder / f"{name}.json").write_text(text, encoding="utf-8")
-    open_clip.add_model_config(folder / f"{name}.json")
+    if name not in open_clip.list_models():
+        if _CONFIG_DIR is None:
+            _CONFIG_DIR = tempfile.TemporaryDirectory(prefix="idia-model-config-")
+        file = Path(_CONFIG_DIR.name) / f"{name}.json"
+        file.write_text(text, encoding="utf-8")
+        open_clip.add_model_config(file)
     return name, obj, preprocess
 
 
-def _plan(spec: ModelSpec) -> _Plan:
-    import open_clip
+def _hub_config(hub_id: str) -> dict[str, Any]:
+    """open_clip_config.json of a hub repo (model_cfg and preprocess_cfg), through open_clip's public download."""
     from open_clip import pretrained as oc_pretrained
-    from open_clip.factory import _get_hf_config
 
+    path = oc_pretrained.download_pretrained_from_hf(hub_id, filename="open_clip_config.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _load_plan(spec: ModelSpec) -> _LoadPlan:
+    """How to load `spec`: an hf-hub repo (config and weights from it), or a config (built-in name or JSON
+    file) with weights from a tag, a checkpoint file, or none."""
     model, pretrained = spec.model.strip(), spec.pretrained
     if pretrained is not None:
         pretrained = pretrained.strip()
-
-    # hf-hub: the repo holds both the config and the weights.
     hub_id = None
     if model.startswith(HF_HUB_PREFIX):
         hub_id = model[len(HF_HUB_PREFIX):]
@@ -259,18 +273,31 @@ def _plan(spec: ModelSpec) -> _Plan:
         if model != DEFAULT_MODEL and model != pretrained:
             log.warning("--pretrained %s brings its own architecture; --model %s is ignored", pretrained, model)
     if hub_id is not None:
-        if not hub_id or hub_id.count("/") != 1:
-            raise InputError(f"hf-hub id {hub_id!r} is not of the form org/repo")
-        label = f"open_clip config and weights of hf-hub:{hub_id}"
-        config = _ensure_cached(label, lambda: _get_hf_config(hub_id))
-        if pretrained is not None and pretrained.lower() == RANDOM_INIT:
-            return _Plan(f"{HF_HUB_PREFIX}{hub_id}", RANDOM_INIT, WeightsSource.RANDOM_INIT,
-                         f"{HF_HUB_PREFIX}{hub_id}", None, config.get("model_cfg", config))
-        ckpt = _ensure_cached(label, lambda: oc_pretrained.download_pretrained_from_hf(hub_id))
-        return _Plan(f"{HF_HUB_PREFIX}{hub_id}", f"{HF_HUB_PREFIX}{hub_id}", WeightsSource.HF_HUB,
-                     f"{HF_HUB_PREFIX}{hub_id}", None, config.get("model_cfg", config), checkpoint_path=Path(ckpt))
+        return _hub_plan(hub_id, pretrained)
+    return _weights_plan(model, pretrained)
 
-    # A model-config JSON, or a built-in open_clip name.
+
+def _hub_plan(hub_id: str, pretrained: str | None) -> _LoadPlan:
+    """hf-hub: the repo holds both the config and the weights."""
+    from open_clip import pretrained as oc_pretrained
+
+    if not hub_id or hub_id.count("/") != 1:
+        raise InputError(f"hf-hub id {hub_id!r} is not of the form org/repo")
+    label = f"open_clip config and weights of hf-hub:{hub_id}"
+    config = _ensure_cached(label, lambda: _hub_config(hub_id))
+    name = f"{HF_HUB_PREFIX}{hub_id}"
+    if pretrained is not None and pretrained.lower() == RANDOM_INIT:
+        return _LoadPlan(name, RANDOM_INIT, WeightsSource.RANDOM_INIT, name, None, config.get("model_cfg", config))
+    ckpt = _ensure_cached(label, lambda: oc_pretrained.download_pretrained_from_hf(hub_id))
+    return _LoadPlan(name, name, WeightsSource.HF_HUB, name, None, config.get("model_cfg", config),
+                 checkpoint_path=Path(ckpt))
+
+
+def _weights_plan(model: str, pretrained: str | None) -> _LoadPlan:
+    """A model-config JSON or a built-in open_clip name, with weights from a tag, a checkpoint, or none."""
+    import open_clip
+    from open_clip import pretrained as oc_pretrained
+
     force_preprocess: dict[str, Any] = {}
     as_path = Path(model).expanduser()
     if model.endswith(".json") or as_path.is_file():
@@ -286,31 +313,28 @@ def _plan(spec: ModelSpec) -> _Plan:
                 "open_clip.list_models()), an hf-hub:org/repo id, or the path of a model-config JSON"
             )
         oc_name, config, info_model = model, open_clip.get_model_config(model), model
-
+    registered = oc_name in open_clip.list_models()
     if pretrained is None:
         if oc_name != DEFAULT_MODEL:
-            tags = open_clip.list_pretrained_tags_by_model(oc_name) if oc_name in open_clip.list_models() else []
+            tags = open_clip.list_pretrained_tags_by_model(oc_name) if registered else []
             raise InputError(
                 f"--model {model} needs --pretrained: "
                 + (f"an open_clip tag ({', '.join(tags)}), " if tags else "")
                 + "a local checkpoint path, or none for random weights"
             )
         pretrained = DEFAULT_PRETRAINED
-
     if pretrained.lower() == RANDOM_INIT:
-        return _Plan(info_model, RANDOM_INIT, WeightsSource.RANDOM_INIT, oc_name, None, config, force_preprocess)
-
-    tag_cfg = open_clip.get_pretrained_cfg(oc_name, pretrained) if oc_name in open_clip.list_models() else {}
+        return _LoadPlan(info_model, RANDOM_INIT, WeightsSource.RANDOM_INIT, oc_name, None, config, force_preprocess)
+    tag_cfg = open_clip.get_pretrained_cfg(oc_name, pretrained) if registered else {}
     if tag_cfg:
         label = f"pretrained weights for {oc_name} / {pretrained}"
         path = _ensure_cached(label, lambda: oc_pretrained.download_pretrained(tag_cfg))
-        return _Plan(info_model, pretrained, WeightsSource.OPEN_CLIP_TAG, oc_name, pretrained, config,
+        return _LoadPlan(info_model, pretrained, WeightsSource.OPEN_CLIP_TAG, oc_name, pretrained, config,
                      force_preprocess, checkpoint_path=Path(path))
-
     ckpt = Path(pretrained).expanduser()
     if ckpt.is_file():
         ckpt = ckpt.resolve()
-        return _Plan(info_model, str(ckpt), WeightsSource.CHECKPOINT, oc_name, str(ckpt), config,
+        return _LoadPlan(info_model, str(ckpt), WeightsSource.CHECKPOINT, oc_name, str(ckpt), config,
                      force_preprocess, checkpoint_path=ckpt)
     tags = open_clip.list_pretrained_tags_by_model(oc_name)
     raise InputError(
@@ -388,7 +412,7 @@ def load_model(spec: ModelSpec, device: DeviceChoice | str = DeviceChoice.AUTO,
 
     torch_device = resolve_device(device)
     precision = Precision(precision)
-    plan = _plan(spec)
+    plan = _load_plan(spec)
 
     kwargs: dict[str, Any] = dict(precision="fp32", device="cpu", pretrained_text=False, pretrained_image=False)
     if plan.force_preprocess:

@@ -32,10 +32,8 @@ bidirectional towers, `last` or `none` pooling, CoCa's class token, custom atten
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 import numpy as np
 import torch

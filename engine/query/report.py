@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..disk.atomic import write_json_atomic
+from ..disk.versions import library_versions
 from ..errors import ArtifactError, ArtifactExistsError, InputError
 from .votes import NO_MODE, PaperModeVotes
 
@@ -139,3 +140,47 @@ def load_predictions(report_dir: Path, mmap: bool = True) -> Predictions:
     candidates = (folder / "candidates.txt").read_text(encoding="utf-8").split("\n")[:-1]
     return Predictions(np.load(folder / "topk_ids.npy", mmap_mode=mode),
                        np.load(folder / "topk_scores.npy", mmap_mode=mode), images, candidates)
+
+
+def build_summary(config, index, model, store_dir, collection, persons, images_used, rows, skipped,
+                  extra_names, votes, decisions, metrics, label_info, k) -> dict:
+    """summary.json: a function of the inputs and arguments alone (what varies per run goes to run.json)."""
+    has_images = images_used > 0
+    requested = config.images_per_person
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "artifact": REPORT_ARTIFACT,
+        "mode": "paper",
+        "parameters": {
+            "source": collection.source, "index_dir": str(config.index_dir), "store_dir": str(store_dir),
+            "labels_file": str(config.labels_file) if config.labels_file else None,
+            "top_k": config.top_k, "tau": config.tau, "images_per_person": requested, "seed": config.seed,
+            "strict": config.strict, "device": str(model.device), "precision": model.precision.value,
+            "batch_size": config.batch_size, "workers": config.workers, "store_dtype": config.store_dtype,
+        },
+        "index": {"build_id": index.manifest.build_id, "index_kind": index.manifest.index_kind,
+                  "num_names": index.manifest.num_names, "num_templates": index.manifest.num_templates,
+                  "names_sha256": index.manifest.names_sha256},
+        "model": {"model": model.info.model, "pretrained": model.info.pretrained,
+                  "weights_source": model.info.weights_source, "fingerprint": model.info.fingerprint},
+        "counts": {
+            "persons": len(persons),
+            "persons_with_images": int(has_images.sum()),
+            "images_found": sum(len(v) for v in collection.persons.values()),
+            "images_used": len(rows),
+            "images_skipped": len(skipped),
+            "candidates": len(index.names) + len(extra_names),
+            "candidates_added_for_this_run": len(extra_names),
+            "top_k": k,
+            "persons_below_requested_images": int((images_used < requested).sum()) if requested else 0,
+            "decided_member": int((decisions & has_images).sum()),
+            "decided_non_member": int((~decisions & has_images).sum()),
+        },
+        "candidates_added_for_this_run": extra_names,
+        "persons_without_images": [p for p, n in zip(persons, images_used) if n == 0],
+        "skipped_files": [asdict(s) for s in sorted(skipped, key=lambda s: s.path)],
+        "metrics": metrics,
+        "labels": label_info,
+        "files": FILE_DESCRIPTIONS,
+        "library_versions": library_versions(),
+    }

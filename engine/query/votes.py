@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
+
 NO_MODE = -1  # mode id of a template whose first place is tied
 
 
@@ -29,6 +31,18 @@ class PaperModeVotes:
     def decisions(self, tau: int) -> np.ndarray:
         """bool [P]: member iff score >= tau."""
         return self.scores >= tau
+
+
+def check_tau(tau: int, n_templates: int | None = None) -> None:
+    """The one rule for tau wherever it is given: 1..T (tau 0 would make a person without a photo a member)."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, np.integer)):
+        raise InputError(f"--tau must be a whole number, got {tau!r}")
+    upper = f"1..{n_templates}" if n_templates is not None else "1..T (the number of templates)"
+    if tau < 1:
+        raise InputError(f"--tau must be >= 1, got {tau}; use {upper} (member iff score >= tau)")
+    if n_templates is not None and tau > n_templates:
+        raise InputError(f"--tau {tau} exceeds the number of templates ({n_templates}); use {upper} "
+                         "(member iff score >= tau)")
 
 
 def paper_mode_votes(top1: np.ndarray, person_of_image: np.ndarray, true_ids: np.ndarray) -> PaperModeVotes:

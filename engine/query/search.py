@@ -1,0 +1,79 @@
+"""Stage 4 of query: every image against every template's name index, top-k per template.
+
+The index kind decides how (`indexes.IndexKind.open_searchers`): exact kinds (flat, dense) answer by
+themselves; approximate kinds re-rank their candidates exactly against the template's raw vectors,
+certify that no other name can beat the winner, and answer what they cannot certify by brute force (or,
+with fallback off, keep and count it). Image embeddings stream from the store in bounded chunks. Names
+of queried people missing from the index are scored exactly beside it and merged into each top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from idia_engine.indexes import sort_topk
+
+from ..disk.faults import fault_point
+from ..index.reader import NameIndex
+from ..progress import Progress
+from .store import EmbeddingStore, Namespace
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """One search of a query run: what is searched, how, and where the answers go."""
+
+    index: NameIndex
+    store: EmbeddingStore
+    ns: Namespace  # the model's namespace in the store
+    shas: list[str]  # images in report order (row m of the outputs)
+    extra_emb: np.ndarray | None  # float32 [T, E, D]: names added for this run (ids after the index's names)
+    k: int  # candidates kept per image and template
+    use_gpu: bool
+    chunk: int  # image embeddings read from the store and searched at once
+    search_params: dict | None  # per-call parameters over the manifest's defaults
+    fallback: bool  # approximate kinds: brute-force what cannot be certified
+
+
+def search_all(job: SearchJob, ids_out: np.ndarray, scores_out: np.ndarray, progress: Progress) -> dict:
+    """Fill ids_out/scores_out [M, T, k] with each image's top-k candidates per template; return the
+    `search` section of summary.json (how many predictions were exact by the index, certified, answered
+    by brute force, or kept uncertified)."""
+    index = job.index
+    params = {**index.manifest.search_params, **(job.search_params or {})}
+    total = len(job.shas) * index.num_templates
+    stats = {"index_kind": index.manifest.index_kind, "search_params": params, "predictions": total,
+             "exact_by_index": 0, "certified": 0, "fell_back": 0, "uncertified_kept": 0}
+    progress("search", 0, total)
+    done = 0
+    # One searcher at a time (one template, or every template for the ensemble): memory stays bounded.
+    for searcher in index.kind.open_searchers(index, use_gpu=job.use_gpu):
+        for start, queries in job.store.iter_embeddings(job.ns, job.shas, job.chunk):
+            res = searcher.search(queries, job.k, params or None, job.fallback)
+            stats["exact_by_index"] += int(res.exact_by_index.sum())
+            stats["certified"] += int(res.certified.sum())
+            stats["fell_back"] += int(res.fell_back.sum())
+            stats["uncertified_kept"] += int(res.uncertified_kept.sum())
+            for j, t in enumerate(res.templates):
+                scores, ids = _merge_extra(len(index.names), t, queries, res.scores[:, j], res.ids[:, j],
+                                           job.extra_emb, job.k)
+                ids_out[start:start + len(queries), t] = ids
+                scores_out[start:start + len(queries), t] = scores
+            done += len(queries) * len(res.templates)
+            progress("search", done, total)
+            fault_point("query.search.chunk")
+        del searcher
+    stats["exact_decisions"] = stats["uncertified_kept"] == 0
+    return stats
+
+
+def _merge_extra(n_index: int, t: int, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                 extra_emb: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Names added for this run are scored exactly and merged into the top-k."""
+    if extra_emb is None:
+        return scores, ids
+    extra_scores = queries @ extra_emb[t].T
+    extra_ids = np.broadcast_to(np.arange(n_index, n_index + extra_emb.shape[1]), extra_scores.shape)
+    scores, ids = sort_topk(np.concatenate([scores, extra_scores], 1), np.concatenate([ids, extra_ids], 1))
+    return scores[:, :k], ids[:, :k]
