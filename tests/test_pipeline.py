@@ -318,6 +318,8 @@ def _bad_inputs(root: Path, world, tiny_model_files):
         ([*q, world["faces"], "--labels", files / "labels.csv"], 2, "labels.csv:2"),
         ([*q, world["faces"], "--labels", files / "nocol.csv"], 2, "no column 'member'"),
         ([*q, world["faces"], "--tau", "22"], 2, "exceeds the number of templates"),
+        # tau 0 would make a person without any usable photo a member: the same rule as evaluate's.
+        ([*q, world["faces"], "--tau", "0"], 2, "--tau must be >= 1, got 0; use 1..21"),
         ([*q, world["faces"], "--top-k", "0"], 2, "--top-k must be >= 1"),
         (["query", world["faces"], "--index-dir", idx, "--out", files / "notempty"], 2, "not an idia-engine report"),
         ([*q, world["faces"], "--device", "tpu"], 2, "tpu"),

@@ -34,6 +34,10 @@ store is there (store.json), it is opened read-only with `readonly=True, lock=Fa
 cannot hold the lock file's reader table, so nothing protects our snapshot from a writer that does have
 write access to the same files; reads are only consistent if nobody writes there meanwhile (which is what a
 read-only location normally means). `writable` is False then, and any write raises `StoreReadOnlyError`.
+
+It stays one module (about 560 lines) on purpose: the LMDB environment's life cycle (open, remap while
+other processes grow the map, close before a fork and reopen after it, reader slots) is one piece of
+state that every read and write goes through; split across files, its invariants would be too.
 """
 
 from __future__ import annotations

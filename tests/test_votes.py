@@ -14,7 +14,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from idia_engine.engine.query.votes import NO_MODE, paper_mode_votes
+from idia_engine.engine.errors import InputError
+from idia_engine.engine.query.votes import NO_MODE, check_tau, paper_mode_votes
 
 N_PAPER_TEMPLATES = 21
 
@@ -377,3 +378,21 @@ def test_image_near_has_the_asked_cosine():
         img = image_near(direction, rng, IMAGE_COSINE)
         assert np.linalg.norm(img) == pytest.approx(1.0, abs=1e-9)
         assert img @ direction == pytest.approx(IMAGE_COSINE, abs=1e-9)
+
+
+@pytest.mark.parametrize(("tau", "n_templates", "needle"), [
+    (0, 21, "--tau must be >= 1, got 0; use 1..21"),
+    (-3, 21, "got -3"),
+    (22, 21, "--tau 22 exceeds the number of templates (21)"),
+    (True, 21, "whole number"),
+    (1.5, 21, "whole number"),
+])
+def test_check_tau_is_one_rule_for_query_and_evaluate(tau, n_templates, needle):
+    with pytest.raises(InputError) as info:
+        check_tau(tau, n_templates)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("tau", [1, 7, 21])
+def test_check_tau_accepts_1_to_t(tau):
+    check_tau(tau, 21)
