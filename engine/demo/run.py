@@ -5,7 +5,7 @@ Steps (each through the same library functions the CLI calls):
    members, seen in training 1, 5, 10, 25, 50 or 75 times; everyone has held-out photos.
 2. `training.train_clip_on_world`: a small open_clip model trained from scratch on the members' captioned
    photos plus caption noise, saved as an open_clip config JSON + checkpoint.
-3. `name_index.build_index` over the candidate names (everyone in the world plus made-up names, like
+3. `index.build.build_index` over the candidate names (everyone in the world plus made-up names, like
    the paper's candidate set), loading the model exactly as a user's checkpoint.
 4. `query.run_query` on the held-out photos with the ground-truth labels.
 5. `evaluate.evaluate_report`: the paper's protocol (n = 1, 3, ..., images per person, 20 draws each),

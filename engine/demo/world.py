@@ -4,10 +4,10 @@ The demo and the tests need a model that *knows* some identities, offline, in se
 makes the world; `engine/training.py` trains a tiny open_clip model on it.
 
 The world:
-- **identities**: made-up "First Last" names drawn from the US census name lists (`engine/namegen.py`),
+- **identities**: made-up "First Last" names drawn from the US census name lists (`engine/candidates/made_up.py`),
   each with a face-like look that stays (skin and hair colour, hair style, face shape, eye spacing and
   colour, glasses or not) and photos that vary around it (pose, scale, position, light, colour cast,
-  background, blur, sensor noise): `engine/synthetic.py` renders them;
+  background, blur, sensor noise): `engine/demo/faces.py` renders them;
 - **members and non-members**: members appear in the training data, each with a number of
   *occurrences* (distinct training photos with a caption that names them), drawn from levels like the
   paper's CC3M experiment (1, 5, 10, 25, 50, 75); non-members never appear;
@@ -111,7 +111,7 @@ def make_world(config: WorldConfig = WorldConfig(), candidate_names: list[str] |
                sexes: list[str] | None = None) -> World:
     """Draw identities, membership, occurrences and the training captions for `config.seed`.
 
-    Names come from `engine.namegen.generate_names` unless given (with their sexes).
+    Names come from `engine.candidates.made_up.generate_names` unless given (with their sexes).
     """
     _check_config(config)
     if candidate_names is None:
