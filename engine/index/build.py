@@ -122,7 +122,7 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
             check_index_dir_writable(index_dir, config.overwrite, names_sha, list(config.templates))
             if model is None:
                 model = load_model(config.model, config.device, config.precision)
-            plan = _plan(config, name_list, model)
+            plan = _plan(config, name_list, names_sha, model)
             return finished_build(index_dir, plan.key, config.overwrite) or _build(config, plan, model, progress)
     except BaseException:
         if created:  # leave no empty index directory behind, but keep any resumable work
@@ -147,14 +147,13 @@ class BuildPlan:
     prompt_lengths: dict[str, Any]  # truncated and colliding prompts, case twins (manifest encode.prompt_lengths)
 
 
-def _plan(config: BuildConfig, name_list: NameList, model: LoadedModel) -> BuildPlan:
+def _plan(config: BuildConfig, name_list: NameList, names_sha: str, model: LoadedModel) -> BuildPlan:
     names, templates = name_list.names, list(config.templates)
     device = "cuda" if model.device.type == "cuda" else "cpu"
     kind, search_params, reason = resolve_index_kind(config.index_kind, len(names), len(templates),
                                                      model.info.embed_dim, device, config.memory_budget_bytes)
     kind_cls = get_backend(kind)
     log.info("index kind %s: %s", kind, reason)
-    names_sha = hashlib.sha256(names_bytes(names)).hexdigest()
     return BuildPlan(names=names, names_sha=names_sha, duplicates_dropped=name_list.duplicates_dropped,
                      templates=templates, kind=kind_cls, search_params=search_params, reason=reason,
                      key=_build_key(names_sha, templates, model, kind, config.batch_size),

@@ -72,11 +72,6 @@ class NameIndex:
         """The index kind's class (how its templates are searched)."""
         return get_backend(self.manifest.index_kind)
 
-    @property
-    def exact(self) -> bool:
-        """True when the index kind answers exactly by itself (flat, dense): no re-ranking needed."""
-        return self.kind.exact_search
-
     def name_id(self, name: str) -> int | None:
         if self._name_to_id is None:
             self._name_to_id = {n: i for i, n in enumerate(self.names)}
