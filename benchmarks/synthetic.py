@@ -18,7 +18,9 @@ Image queries of a person with true name i (images_per_person each):
     template), cos ~ U(cos_lo, cos_hi), o = normalise(gap + w_p p + w_n n + w_m M) orthogonalised to y_i:
     gap = a shared modality-gap direction in the last D/8 coordinates, p a per-person image vector, n a
     per-image vector. The cosine of a query to its true name's templates lands at ~0.2-0.35 (as CLIP's
-    image-text scores), the best other name a little below or above.
+    image-text scores), the best other name a little below or above. Non-members (people the model does not
+    know, `queries(member_fraction=...)`) draw cos from a lower range: their true name scores well below the
+    best other name.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class SyntheticConfig:
     person_weight: float = 0.6  # w_p: per-person image component
     image_weight: float = 0.5  # w_n: per-image component
     query_common: float = 0.35  # w_m: the common text direction inside the image component
+    nonmember_cos_lo: float = 0.08  # non-members (people the model does not know): query cosine, lower end
+    nonmember_cos_hi: float = 0.20  # ... upper end (their true name scores well below the best other name)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -211,12 +215,17 @@ class SyntheticNames:
         """float64 [n, D] unit template-free name vectors y_i."""
         return _unit(self._base(np.asarray(ids, np.int64)).astype(np.float64))
 
-    def queries(self, persons: int, images_per_person: int = 30, seed: int = 1
+    def queries(self, persons: int, images_per_person: int = 30, seed: int = 1, member_fraction: float = 1.0
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image queries of `persons` persons with distinct true names.
 
+        member_fraction: the first round(fraction x persons) persons are members (people the model knows:
+        query cosine to the true name in cos_lo..cos_hi); the others are non-members (nonmember_cos_lo..hi).
+        With fraction 1 the queries are those of earlier versions, bit for bit.
         Returns (queries float32 [persons * images_per_person, D] unit rows, person_of_image int64 [M],
         true_ids int64 [persons])."""
+        if not 0.0 <= member_fraction <= 1.0:
+            raise ValueError(f"member_fraction must lie in [0, 1], got {member_fraction}")
         c = self.config
         rng = np.random.default_rng([c.seed, 7, seed])
         true = rng.choice(self.num_names, size=min(persons, self.num_names), replace=False).astype(np.int64)
@@ -229,5 +238,10 @@ class SyntheticNames:
                + c.query_common * self.common_dir)
         off -= (off * y).sum(1, keepdims=True) * y
         cos = rng.uniform(c.cos_lo, c.cos_hi, size=(len(person), 1))
+        members = int(round(member_fraction * p))
+        if members < p:  # a separate stream, so the members' queries do not depend on the fraction
+            other = np.random.default_rng([c.seed, 8, seed]).uniform(c.nonmember_cos_lo, c.nonmember_cos_hi,
+                                                                     size=(len(person), 1))
+            cos = np.where((person >= members)[:, None], other, cos)
         q = _unit(cos * y + np.sqrt(1 - cos ** 2) * _unit(off))
         return q.astype(np.float32), person.astype(np.int64), true
