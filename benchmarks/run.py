@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 from idia_engine.engine.disk.versions import library_versions, utc_now
 from idia_engine.engine.errors import InputError
+from idia_engine.engine.query.cells import BY_WITNESSES, decide_cells
 from idia_engine.engine.query.votes import paper_mode_votes
 from idia_engine.indexes import get_backend
 from idia_engine.indexes.choice import estimate_index_bytes, ivf_nlist
 from idia_engine.indexes.ensemble import TemplateEnsemble
-from idia_engine.indexes.exact import Exactness, search_exact
+from idia_engine.indexes.exact import Exactness, exact_scores, exact_topk, search_exact
 from idia_engine.indexes.gpu import faiss_gpu_count
 
 from .synthetic import SyntheticConfig, SyntheticNames
@@ -53,12 +54,13 @@ METHODS: dict[str, str] = {
     "hnsw": "HNSW32,Flat (efSearch 64), raw approximate top-1",
     "ensemble": "template-ensemble prefilter (K'=256), no fallback (approximate)",
     "ensemble-exact": "template-ensemble prefilter with brute-force fallback (exact)",
+    "cells": "template-ensemble prefilter, cells settled by witnesses, batched brute force for the rest (exact)",
     "flat-gpu": "exact FAISS flat on the GPU",
     "dense-gpu": "dense torch matmul + top-k on the GPU",
 }
 # ivf-pq is opt-in (--methods): training 64 sub-quantizers per template dominates a short CPU run.
 DEFAULT_METHODS = ("dense", "flat", "ivf-flat", "ivf-flat+rerank", "ivf-sq8", "hnsw", "ensemble", "ensemble-exact",
-                   "flat-gpu", "dense-gpu")
+                   "cells", "flat-gpu", "dense-gpu")
 _TEMPLATE_METHODS = ("dense", "flat", "ivf-flat", "ivf-flat+rerank", "ivf-sq8", "ivf-pq", "hnsw", "flat-gpu",
                      "dense-gpu")
 _IVF_FACTORIES = {"ivf-flat": "Flat", "ivf-flat+rerank": "Flat", "ivf-sq8": "SQ8", "ivf-pq": "PQ"}
@@ -81,6 +83,7 @@ class BenchConfig:
     approx_max_names: int = 10_000  # FAISS IVF variants only up to this N (21 indexes to train and fill)
     hnsw_max_names: int = 1_000  # HNSW only up to this N (its graph build dominates on a 2-core CPU)
     text_encoder_prompts: int = 512  # prompts for the text-encoder benchmark (0: skip it)
+    member_fraction: float = 1.0  # share of persons the synthetic model knows (the rest are non-members)
     out: Path = Path("benchmarks/results/latest")  # output folder
     name: str = ""  # label stored in the results
 
@@ -97,6 +100,8 @@ class BenchConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise InputError(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+        if not 0.0 <= self.member_fraction <= 1.0:
+            raise InputError(f"--member-fraction must lie in 0..1, got {self.member_fraction}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -244,7 +249,7 @@ def _one_size(config: BenchConfig, n: int, progress: Callable[[str, int, int], N
     t_count, dim = config.templates, config.dim
     gen = SyntheticNames(SyntheticConfig(num_names=n, dim=dim, num_templates=t_count, seed=config.seed))
     persons = config.persons if n <= 10_000 else config.persons_large
-    q, person, true = gen.queries(persons, config.images_per_person)
+    q, person, true = gen.queries(persons, config.images_per_person, member_fraction=config.member_fraction)
     use_gpu, gpu_reason = _gpu_available(config.device)
     skipped: dict[str, str] = {}
     per: dict[str, _PerTemplate] = {}
@@ -307,6 +312,16 @@ def _one_size(config: BenchConfig, n: int, progress: Callable[[str, int, int], N
                       "fell_back_fraction": float(res.fell_back.mean()),
                       "radius_max": float(ens.radius.max()), "radius_name_mean": float(ens.radius_name.mean()),
                       **_agreement(res.top1, ref, person, true)}
+    if "cells" in config.methods:
+        if ens is None:
+            start = time.perf_counter()
+            ens = TemplateEnsemble.build(src, n, t_count, dim)
+            build_s = time.perf_counter() - start - src.seconds
+        cells = _cells(ens, gen, src, q, person, true, config.candidates)
+        top1, exact = cells.pop("top1"), cells.pop("top1_exact_mask")
+        results["cells"] = {**cells, "build_s": build_s, "index_bytes": ens.nbytes,
+                            "rss_gb_after_build": round(_rss_gb(), 3), **_agreement(top1, ref, person, true),
+                            "top1_agreement_where_exact": float((top1 == ref)[exact].mean()) if exact.any() else None}
     del ens
     base = results.get("dense", {}).get("qps")
     for r in results.values():
@@ -317,6 +332,42 @@ def _one_size(config: BenchConfig, n: int, progress: Callable[[str, int, int], N
             "exact_members_detected": int(exact_votes.decisions(1).sum()),
             "exact_top1_true_fraction": float((ref == true[person][:, None]).mean()),
             "methods": results, "skipped": skipped, "peak_rss_gb": round(_peak_rss_gb(), 3)}
+
+
+def _cells(ens: TemplateEnsemble, gen: SyntheticNames, src: _TimedSource, q: np.ndarray, person: np.ndarray,
+           true: np.ndarray, candidates: int) -> dict[str, Any]:
+    """The engine's default exact method: the ensemble's candidates (no fallback), then per template the cells
+    settled by witnesses and a batched brute force of the photos they leave open (`engine.query.cells`).
+    Regenerating rows (candidate rows, and each template's rows for the brute force) is excluded from q/s."""
+    src.seconds = 0.0
+    start = time.perf_counter()
+    pre = ens.search(q, src, 1, candidates=candidates, fallback=False)
+    search_s = time.perf_counter() - start - src.seconds
+    fetch_s, gen_s = src.seconds, 0.0
+    y = true[person]
+    top1 = np.empty((len(q), ens.num_templates), np.int64)
+    exact = np.zeros_like(top1, dtype=bool)
+    by_witnesses = brute = 0
+    for t in range(ens.num_templates):
+        start = time.perf_counter()
+        rows = gen.template(t)
+        gen_s += time.perf_counter() - start
+        start = time.perf_counter()
+        true_scores = exact_scores(rows, q, y[:, None])[:, 0]
+        dec = decide_cells(pre.scores[:, t], pre.ids[:, t], pre.certified[:, t], true_scores, person, true,
+                           lambda r, rows=rows: exact_topk(rows, q[r], 1))
+        search_s += time.perf_counter() - start
+        top1[:, t], exact[:, t] = dec.ids[:, 0], dec.top1_exact
+        by_witnesses += int((dec.settled_by == BY_WITNESSES).sum())
+        brute += dec.brute_forced
+        del rows
+    pairs = top1.size
+    return {"qps": pairs / max(search_s, 1e-9), "search_s": search_s, "fetch_s": fetch_s,
+            "row_generation_s": gen_s, "top1": top1,
+            "certified_fraction": float(pre.certified.mean()),
+            "cells_settled_by_witnesses": by_witnesses / max(1, len(true) * ens.num_templates),
+            "fell_back_fraction": brute / max(1, pairs), "photos_brute_forced": brute,
+            "top1_exact_fraction": float(exact.mean()), "top1_exact_mask": exact}
 
 
 def text_encoder_bench(prompts: int, device: str) -> dict[str, Any]:
