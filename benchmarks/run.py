@@ -80,6 +80,7 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda: where the GPU methods may run
     seed: int = 0  # generator seed
     candidates: int = 256  # K' of the ensemble prefilter
+    cell_candidates: int = 32  # K' of the prefilter of "cells" (a witness only has to beat the true name)
     approx_max_names: int = 10_000  # FAISS IVF variants only up to this N (21 indexes to train and fill)
     hnsw_max_names: int = 1_000  # HNSW only up to this N (its graph build dominates on a 2-core CPU)
     text_encoder_prompts: int = 512  # prompts for the text-encoder benchmark (0: skip it)
@@ -94,7 +95,8 @@ class BenchConfig:
         if self.dim < 16:
             raise InputError(f"--dim must be >= 16, got {self.dim}")
         for flag, value in (("--persons", self.persons), ("--persons", self.persons_large),
-                            ("images per person", self.images_per_person), ("--candidates", self.candidates)):
+                            ("images per person", self.images_per_person), ("--candidates", self.candidates),
+                            ("cell candidates", self.cell_candidates)):
             if value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
         bad = [m for m in self.methods if m not in METHODS]
@@ -118,6 +120,7 @@ QUICK = {"sizes": (500,), "dim": 64, "templates": 5, "persons": 6, "persons_larg
 def machine_info() -> dict[str, Any]:
     import psutil
     import torch
+    from idia_engine.engine.model.text_encoder import bf16_supported
 
     cpu = platform.processor()
     try:
@@ -128,9 +131,19 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    features = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16") if f in flags]
     return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
             "ram_gb": round(psutil.virtual_memory().total / 2 ** 30, 1), "gpu": gpu,
-            "faiss_gpus": faiss_gpu_count(), "torch_threads": torch.get_num_threads()}
+            "faiss_gpus": faiss_gpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_features": " ".join(features) or "unknown", "bf16_native_cpu": bf16_supported("cpu")}
 
 
 def _rss_gb() -> float:
@@ -317,7 +330,7 @@ def _one_size(config: BenchConfig, n: int, progress: Callable[[str, int, int], N
             start = time.perf_counter()
             ens = TemplateEnsemble.build(src, n, t_count, dim)
             build_s = time.perf_counter() - start - src.seconds
-        cells = _cells(ens, gen, src, q, person, true, config.candidates)
+        cells = _cells(ens, gen, src, q, person, true, config.cell_candidates)
         top1, exact = cells.pop("top1"), cells.pop("top1_exact_mask")
         results["cells"] = {**cells, "build_s": build_s, "index_bytes": ens.nbytes,
                             "rss_gb_after_build": round(_rss_gb(), 3), **_agreement(top1, ref, person, true),
@@ -420,19 +433,26 @@ def run_bench(config: BenchConfig, progress: Callable[[str, int, int], None] | N
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    header = ("| names | method | q/s | x dense | top-1 agree | decision agree | score agree | certified | "
-              "fell back | build s | index MB |")
-    lines = [header, "|" + "---|" * 11]
+    members = result["config"].get("member_fraction", 1.0)
+    header = ("| names | method | q/s | x dense | x flat | top-1 agree | decision agree | score agree | certified | "
+              "cells by witnesses | brute-forced | build s | index MB |")
+    lines = [f"Member fraction {members}; {result['machine']['cpu']} ({result['machine']['cores']} cores, "
+             f"{result['machine'].get('cpu_features', '')}).", "", header, "|" + "---|" * 13]
     for size in result["sizes"]:
+        flat = size["methods"].get("flat", {}).get("qps")
         for m, r in size["methods"].items():
             ratio = r.get("ratio_to_dense")
+            top1 = f"{r['top1_agreement']:.4f}"
+            if r.get("top1_agreement_where_exact") is not None:
+                top1 += f" ({r['top1_agreement_where_exact']:.4f} where exact)"
             lines.append(
                 f"| {size['names']:,} | {m} | {r['qps']:,.0f} | {'' if ratio is None else f'{ratio:.2f}'} | "
-                f"{r['top1_agreement']:.4f} | {r['decision_agreement']:.4f} | {r['score_agreement']:.4f} | "
-                f"{_pct(r.get('certified_fraction'))} | {_pct(r.get('fell_back_fraction'))} | "
-                f"{r['build_s']:.1f} | {r['index_bytes'] / 2 ** 20:,.1f} |")
+                f"{'' if not flat else format(r['qps'] / flat, '.2f')} | "
+                f"{top1} | {r['decision_agreement']:.4f} | {r['score_agreement']:.4f} | "
+                f"{_pct(r.get('certified_fraction'))} | {_pct(r.get('cells_settled_by_witnesses'))} | "
+                f"{_pct(r.get('fell_back_fraction'))} | {r['build_s']:.1f} | {r['index_bytes'] / 2 ** 20:,.1f} |")
         for m, why in size["skipped"].items():
-            lines.append(f"| {size['names']:,} | {m} | skipped: {why} |" + " |" * 8)
+            lines.append(f"| {size['names']:,} | {m} | skipped: {why} |" + " |" * 10)
     te = result.get("text_encoder")
     if te and "results" in te:
         lines += ["", f"Text encoder ({te['prompts']} prompts, {te['device']}, path {te['text_path']}):", "",

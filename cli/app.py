@@ -198,6 +198,11 @@ def query_cmd(
         False, "--no-fallback",
         help="Approximate indexes: keep re-ranked answers that cannot be certified (counted in summary.json; "
              "faster, decisions may differ from exact) instead of answering them by exact brute force."),
+    no_cells: bool = typer.Option(
+        False, "--no-cells",
+        help="Approximate indexes: brute-force every prediction that cannot be certified, instead of settling "
+             "each (person, template) cell by witnesses and brute-forcing only what open cells need (same "
+             "decisions; every top-1 exact)."),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -210,7 +215,8 @@ def query_cmd(
                              store_dir=store, labels_file=labels, top_k=top_k, tau=tau,
                              images_per_person=images_per_person, seed=seed, strict=strict, device=device,
                              precision=precision, batch_size=batch_size, workers=workers, store_dtype=store_dtype,
-                             search_params=_search_params(search_param), exact_fallback=not no_fallback)
+                             search_params=_search_params(search_param), exact_fallback=not no_fallback,
+                             cells=not no_cells)
         with _progress_bars(not quiet) as progress:
             result = run_query(config, progress)
     _print_query_summary(result.summary, result.run, out_dir)
@@ -361,6 +367,9 @@ def bench_cmd(
     quick: Annotated[bool, typer.Option("--quick", help="A tiny run (seconds), for tests.")] = False,
     candidates: Annotated[int | None, typer.Option("--candidates", help="K' of the ensemble prefilter "
                                                        "(default 256).")] = None,
+    member_fraction: Annotated[float | None, typer.Option(
+        "--member-fraction", help="Share of persons the synthetic model knows, 0..1 (default 1): members' "
+                                  "photos sit close to their true name, non-members' do not.")] = None,
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -382,6 +391,8 @@ def bench_cmd(
             changes["persons"] = changes["persons_large"] = persons
         if candidates is not None:
             changes["candidates"] = candidates
+        if member_fraction is not None:
+            changes["member_fraction"] = member_fraction
         if methods:
             changes["methods"] = tuple(m.strip() for m in methods.split(",") if m.strip())
         config = dataclasses.replace(config, **changes)

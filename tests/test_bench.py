@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from idia_engine.benchmarks.synthetic import BLOCK_ROWS, SyntheticConfig, SyntheticNames
 from idia_engine.cli.app import app
+from idia_engine.engine.errors import InputError
 from typer.testing import CliRunner
 
 CFG = SyntheticConfig(num_names=3 * BLOCK_ROWS + 17, dim=64, num_templates=4, seed=5, first_pool=40,
@@ -75,7 +76,8 @@ def test_quick_bench_cli_writes_every_artifact(tmp_path):
     assert res.exit_code == 0, res.output
     assert str(out) in res.output.replace("\n", "")
     data = json.loads((out / "results.json").read_text())
-    assert (out / "results.md").read_text().startswith("| names |")
+    md = (out / "results.md").read_text()
+    assert md.startswith("Member fraction 1.0;") and data["machine"]["cpu_features"] in md and "\n| names |" in md
     assert (out / "throughput.png").stat().st_size > 1000
     assert data["machine"]["cores"] and data["versions"]
     (size,) = data["sizes"]
@@ -87,6 +89,26 @@ def test_quick_bench_cli_writes_every_artifact(tmp_path):
             assert r[key] is not None, (m, key)
     assert size["methods"]["flat"]["decision_agreement"] == 1.0
     assert size["methods"]["ensemble-exact"]["top1_agreement"] == 1.0
+    cells = size["methods"]["cells"]
+    assert cells["decision_agreement"] == cells["score_agreement"] == 1.0
+    assert cells["top1_agreement_where_exact"] in (None, 1.0)
+    assert 0.0 <= cells["cells_settled_by_witnesses"] <= 1.0
+
+
+def test_member_fraction_sets_who_the_model_knows(tmp_path):
+    from idia_engine.benchmarks.run import QUICK, BenchConfig, run_bench
+
+    base = {**QUICK, "methods": ("flat", "cells"), "sizes": (2000,), "persons": 10, "persons_large": 10,
+            "images_per_person": 5}
+    shares = {}
+    for f in (0.0, 1.0):
+        size = run_bench(BenchConfig(**base, member_fraction=f, out=tmp_path / str(f)))["sizes"][0]
+        shares[f] = (size["exact_top1_true_fraction"], size["methods"]["cells"]["cells_settled_by_witnesses"])
+        assert size["methods"]["cells"]["decision_agreement"] == 1.0
+    # non-members' photos rarely name them, and witnesses settle their cells; members' need brute force
+    assert shares[0.0][0] < shares[1.0][0] and shares[0.0][1] > shares[1.0][1]
+    with pytest.raises(InputError, match="--member-fraction"):
+        BenchConfig(member_fraction=1.5)
 
 
 def test_bad_options_are_one_line_errors(tmp_path):

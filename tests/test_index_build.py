@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +89,7 @@ def test_a_build_for_other_inputs_does_not_resume_a_foreign_one(tiny_model, tiny
 
 @pytest.mark.parametrize("kind", ["IVF8,Flat", "IVF8,SQ8", "HNSW16,Flat", "SQ8", "ensemble"])
 def test_approximate_kinds_give_the_exact_decisions(kind, tiny_model, tiny_spec, many_names, world, tmp_path):
+    """Per prediction (--no-cells): every top-1 is exact, and the report equals flat's."""
     names_file, names = many_names
     names_file = tmp_path / "names.txt"  # the world's people must be candidates
     names_file.write_text("\n".join(dict.fromkeys(world["people"] + names)) + "\n", encoding="utf-8")
@@ -95,7 +98,7 @@ def test_approximate_kinds_give_the_exact_decisions(kind, tiny_model, tiny_spec,
         build_index(BuildConfig(names_file=names_file, index_dir=tmp_path / k, model=tiny_spec, index_kind=k),
                     model=tiny_model)
         result = run_query(QueryConfig(index_dir=tmp_path / k, faces_dir=world["faces"], out_dir=tmp_path / f"r-{k}",
-                                       store_dir=tmp_path / "store"), model=tiny_model)
+                                       store_dir=tmp_path / "store", cells=False), model=tiny_model)
         reports[k] = result
     exact, approx = load_predictions(tmp_path / "r-flat"), load_predictions(tmp_path / f"r-{kind}")
     assert np.array_equal(exact.topk_ids[:, :, 0], approx.topk_ids[:, :, 0])
@@ -107,6 +110,53 @@ def test_approximate_kinds_give_the_exact_decisions(kind, tiny_model, tiny_spec,
     assert search["certified"] + search["fell_back"] == search["predictions"] > 0
     assert search["exact_decisions"] is True
     assert reports["flat"].summary["search"]["exact_by_index"] == reports["flat"].summary["search"]["predictions"]
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("kind", ["IVF8,Flat", "ensemble"])
+def test_cells_give_the_exact_scores_and_decisions(kind, tiny_model, tiny_spec, many_names, world, tmp_path):
+    """Cells (the default for approximate kinds): scores, hits and decisions equal flat's; top-1s and vote
+    counts where the report says they are exact; the true name of a person missing from the index is
+    scored beside it."""
+    names_file, names = many_names
+    dropped = world["people"][0]  # missing from the index: added for the run, its cells settled like the rest
+    names_file = tmp_path / "names.txt"
+    kept = [n for n in dict.fromkeys(world["people"] + names) if n != dropped]
+    names_file.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    reports = {}
+    for k in ("flat", kind):
+        build_index(BuildConfig(names_file=names_file, index_dir=tmp_path / k, model=tiny_spec, index_kind=k),
+                    model=tiny_model)
+        reports[k] = run_query(QueryConfig(index_dir=tmp_path / k, faces_dir=world["faces"],
+                                           out_dir=tmp_path / f"r-{k}", store_dir=tmp_path / "store"),
+                               model=tiny_model)
+    assert dropped in reports[kind].summary["candidates_added_for_this_run"]
+    exact, cells = load_predictions(tmp_path / "r-flat"), load_predictions(tmp_path / f"r-{kind}")
+    status = np.load(tmp_path / f"r-{kind}" / "predictions" / "top1_status.npy")
+    assert (np.load(tmp_path / "r-flat" / "predictions" / "top1_status.npy") == 0).all()
+    top1_exact = np.isin(status, (0, 1, 2))
+    assert np.array_equal(exact.topk_ids[:, :, 0][top1_exact], cells.topk_ids[:, :, 0][top1_exact])
+    witnessed = status == 3
+    assert (exact.topk_ids[:, :, 0][witnessed] != cells.topk_ids[:, :, 0][witnessed]).sum() <= witnessed.sum()
+    for a, b in zip(_csv_rows(tmp_path / "r-flat" / "persons.csv"), _csv_rows(tmp_path / f"r-{kind}" / "persons.csv")):
+        assert [a[c] for c in ("name", "n_images", "score", "decision", "hits")] == \
+               [b[c] for c in ("name", "n_images", "score", "decision", "hits")]
+    for a, b in zip(_csv_rows(tmp_path / "r-flat" / "modes.csv"), _csv_rows(tmp_path / f"r-{kind}" / "modes.csv")):
+        assert a["hit"] == b["hit"] and a["votes_exact"] == "1"
+        if b["votes_exact"] == "1":
+            assert a == b
+    search = reports[kind].summary["search"]
+    assert search["decided_by"] == "cells" and search["exact_decisions"] is True
+    assert search["top1_exact"] + search["witnessed"] + search["true_name_unresolved"] == search["predictions"]
+    assert search["cells"]["photos_brute_forced"] == search["fell_back"]
+    cells_stats = search["cells"]
+    assert cells_stats["settled_by_witnesses"] > 0
+    assert cells_stats["cells"] == cells_stats["settled_by_witnesses"] + cells_stats["settled_in_round_1"] + \
+        cells_stats["settled_in_round_2"]
 
 
 def test_without_fallback_uncertified_answers_are_counted(tiny_model, tiny_spec, world, tmp_path):

@@ -43,9 +43,11 @@ CERTIFIED = 1  # the prefilter's top-1 is proved to be the exact arg-max
 BRUTE_FORCE = 2  # answered by brute force over all rows
 WITNESSED = 3  # not the exact top-1: a candidate proved to rank above the true name
 TRUE_UNRESOLVED = 4  # not known to be the exact top-1: the true name tops the candidates (cell settled anyway)
+UNCERTIFIED = 5  # approximate: an approximate kind's answer kept without certificate (fallback off)
 STATUS_NAMES = {EXACT_BY_INDEX: "exact by the index", CERTIFIED: "certified exact", BRUTE_FORCE: "brute force",
                 WITNESSED: "witnessed (not the true name; top-1 not exact)",
-                TRUE_UNRESOLVED: "true name on top of the candidates (top-1 not proved)"}
+                TRUE_UNRESOLVED: "true name on top of the candidates (top-1 not proved)",
+                UNCERTIFIED: "approximate (not certified)"}
 EXACT_STATUSES = (EXACT_BY_INDEX, CERTIFIED, BRUTE_FORCE)
 
 # Per cell: when its outcome was settled.

@@ -8,6 +8,7 @@
       predictions/
         topk_ids.npy             # int32 [M, T, k]: candidate ids, best first, per image and template
         topk_scores.npy          # float32 [M, T, k]: their cosine similarities (higher = closer)
+        top1_status.npy          # int8 [M, T]: how each top-1 was obtained (exact, or settled by witnesses)
         images.csv               # row,name,path,sha256: the M images, in row order
         candidates.txt           # candidate id -> name, one per line (index names, then added names)
 
@@ -35,6 +36,7 @@ REPORT_ARTIFACT = "idia-engine attack report"
 SUMMARY = "summary.json"
 RUN = "run.json"
 PREDICTIONS = "predictions"
+TOP1_STATUS = "top1_status.npy"
 
 FILE_DESCRIPTIONS = {
     "summary.json": "parameters, counts, skipped files and (with labels) metrics; identical for identical inputs",
@@ -43,9 +45,15 @@ FILE_DESCRIPTIONS = {
                    "true name; higher = more likely a member), decision, label, in_index, true_votes, "
                    "tied_templates, hits (one 0/1 per template)",
     "modes.csv": "one row per person and template: name, template, mode (the unique most frequent predicted "
-                 "name, empty on a tie), mode_votes, true_votes, hit",
+                 "name, empty on a tie), mode_votes, true_votes, hit, votes_exact (1: every photo's top-1 in the "
+                 "cell is exact, so are mode, mode_votes and true_votes; 0: the cell was settled by witnesses, hit "
+                 "is exact, the counts are those of the reported top-1s)",
     "predictions/topk_ids.npy": "int32 [images, templates, k]: candidate ids (rows of candidates.txt), best first",
     "predictions/topk_scores.npy": "float32 [images, templates, k]: cosine similarities of those candidates",
+    "predictions/top1_status.npy": "int8 [images, templates]: how each top-1 was obtained: 0 exact by the index, "
+                                   "1 certified exact, 2 brute force, 3 witnessed (a name proved to beat the true "
+                                   "name; top-1 not exact), 4 true name on top of the candidates in a settled cell "
+                                   "(top-1 not proved), 5 approximate (not certified, --no-fallback)",
     "predictions/images.csv": "row,name,path,sha256 of the images in row order",
     "predictions/candidates.txt": "candidate names, line i = id i (index names first, then names added for this run)",
 }
@@ -88,15 +96,16 @@ def write_persons(path: Path, persons: list[str], votes: PaperModeVotes, decisio
             w.writerow(row)
 
 
-def write_modes(path: Path, persons: list[str], votes: PaperModeVotes, candidates: list[str]) -> None:
+def write_modes(path: Path, persons: list[str], votes: PaperModeVotes, candidates: list[str],
+                votes_exact: np.ndarray) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["name", "template", "mode", "mode_votes", "true_votes", "hit"])
+        w.writerow(["name", "template", "mode", "mode_votes", "true_votes", "hit", "votes_exact"])
         for p, name in enumerate(persons):
             for t in range(votes.modes.shape[1]):
                 mode = votes.modes[p, t]
                 w.writerow([name, t, candidates[mode] if mode != NO_MODE else "", int(votes.mode_votes[p, t]),
-                            int(votes.true_votes[p, t]), int(votes.hits[p, t])])
+                            int(votes.true_votes[p, t]), int(votes.hits[p, t]), int(votes_exact[p, t])])
 
 
 def write_images_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:

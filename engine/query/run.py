@@ -6,7 +6,9 @@ Stages, one function each below (each timed, each reporting progress):
 3. encode   - images not yet in the LMDB store are decoded (DataLoader workers), encoded and committed
               one batch per transaction; a rerun encodes nothing it already stored
 4. search   - per template, image embeddings are streamed from the store in bounded chunks and searched
-              (top-k, `search.py`); names of queried people missing from the index are scored beside it
+              (top-k, `search.py`); names of queried people missing from the index are scored beside it;
+              approximate kinds then settle each (person, template) cell by witnesses and brute-force only
+              the photos open cells need (`settle.py`, `cells.py`)
 5. decide   - paper mode (`votes.py`): unique plurality per template, score 0..T, member iff score >= tau
 6. report   - persons.csv, modes.csv, predictions/, summary.json, run.json, swapped in atomically
 
@@ -39,6 +41,7 @@ from ..index.layout import DEFAULT_STORE_NAME
 from ..index.reader import NameIndex, open_index
 from ..model.load import DeviceChoice, LoadedModel, Precision, load_model
 from ..progress import Progress, no_progress
+from .cells import EXACT_STATUSES
 from .images import (
     ImageCollection,
     ImageDataset,
@@ -52,6 +55,7 @@ from .labels import read_labels
 from .metrics import label_metrics
 from .report import (
     PREDICTIONS,
+    TOP1_STATUS,
     build_summary,
     check_report_dir,
     write_images_csv,
@@ -60,7 +64,8 @@ from .report import (
     write_run,
     write_summary,
 )
-from .search import SearchJob, search_all
+from .search import SearchJob, search_all, status_counts
+from .settle import settle_cells
 from .store import EmbeddingStore, Namespace
 from .votes import PaperModeVotes, check_tau, paper_mode_votes
 
@@ -89,6 +94,7 @@ class QueryConfig:
     search_chunk: int = 4096  # image embeddings read from the store and searched at once
     search_params: dict | None = None  # per-call index parameters (e.g. {"nprobe": 64}); default: the manifest's
     exact_fallback: bool = True  # approximate kinds: brute-force what cannot be certified (False: flag it)
+    cells: bool = True  # approximate kinds: settle cells by witnesses, brute-force only what they leave open
 
     def __post_init__(self) -> None:
         if (self.faces_dir is None) == (self.image_manifest is None):
@@ -157,6 +163,7 @@ class Decision:
     decisions: np.ndarray  # bool [P]: member iff score >= tau
     metrics: dict | None  # confusion metrics against the labels (None without labels)
     label_info: dict | None  # who was labelled, queried, left out
+    votes_exact: np.ndarray  # bool [P, T]: every photo's top-1 in the cell is exact, so are its vote counts
 
 
 @dataclass
@@ -195,11 +202,13 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
         with timer.stage("encode missing names"):
             # Scored exactly beside the index, with ids after the index's names.
             extra_emb = encode_name_prompts(model, inputs.index.templates, inputs.missing) if inputs.missing else None
+        person, true_ids = _person_ids(inputs, rows)
         with staged_directory(Path(config.out_dir), replace_existing=True) as tmp:
             with timer.stage("search"):
-                top1, search_stats = _search(inputs.index, store, ns, rows, extra_emb, model, config, tmp, progress)
+                top1, status, search_stats = _search(inputs.index, store, ns, rows, extra_emb, model, config, tmp,
+                                                     person, true_ids, progress)
             with timer.stage("decide"):
-                decision = _decide(inputs, rows, top1, config.tau)
+                decision = _decide(inputs, person, true_ids, top1, status, config.tau)
             with timer.stage("write report"):
                 summary = _write_report(tmp, config, inputs, model, rows, skipped, decision, search_stats)
                 run = {"created_at": utc_now(), "images_encoded": encoded.encoded,
@@ -299,10 +308,21 @@ def _encode_missing(model: LoadedModel, store: EmbeddingStore, ns: Namespace, it
     return encoded, failed
 
 
+def _person_ids(inputs: QueryInputs, rows: list[tuple[str, Path, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(person index [M] of each image row, candidate id [P] of each person's true name); names missing from
+    the index have ids after the index's names, in the order of `inputs.missing`."""
+    persons, index = inputs.persons, inputs.index
+    person_index = {name: i for i, name in enumerate(persons)}
+    candidate_id = {name: len(index.names) + i for i, name in enumerate(inputs.missing)}
+    true_ids = np.array([candidate_id[p] if p in candidate_id else index.name_id(p) for p in persons], np.int64)
+    return np.array([person_index[n] for n, _, _ in rows], np.int64), true_ids
+
+
 def _search(index: NameIndex, store: EmbeddingStore, ns: Namespace, rows: list[tuple[str, Path, str]],
-            extra_emb: np.ndarray | None, model: LoadedModel, config: QueryConfig, tmp: Path, progress: Progress
-            ) -> tuple[np.ndarray, dict]:
-    """Stage 4: the top-k per image and template into predictions/; returns (top-1 ids [M, T], search stats)."""
+            extra_emb: np.ndarray | None, model: LoadedModel, config: QueryConfig, tmp: Path, person: np.ndarray,
+            true_ids: np.ndarray, progress: Progress) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Stage 4: the top-k per image and template into predictions/, and how each top-1 was obtained; returns
+    (top-1 ids [M, T], top-1 status [M, T], search stats). Approximate kinds settle cells (`settle.py`)."""
     n_templates = len(index.templates)
     n_extra = 0 if extra_emb is None else extra_emb.shape[1]
     k = min(config.top_k, len(index.names) + n_extra)
@@ -312,27 +332,37 @@ def _search(index: NameIndex, store: EmbeddingStore, ns: Namespace, rows: list[t
                                        shape=(len(rows), n_templates, k))
     scores_mm = np.lib.format.open_memmap(pred_dir / "topk_scores.npy", mode="w+", dtype=np.float32,
                                           shape=(len(rows), n_templates, k))
+    status_mm = np.lib.format.open_memmap(pred_dir / TOP1_STATUS, mode="w+", dtype=np.int8,
+                                          shape=(len(rows), n_templates))
+    by_cells = config.cells and config.exact_fallback and not index.kind.exact_search
     job = SearchJob(index=index, store=store, ns=ns, shas=[sha for _, _, sha in rows], extra_emb=extra_emb, k=k,
                     use_gpu=model.device.type == "cuda", chunk=config.search_chunk,
-                    search_params=config.search_params, fallback=config.exact_fallback)
-    stats = search_all(job, ids_mm, scores_mm, progress)
+                    search_params=config.search_params, fallback=config.exact_fallback and not by_cells)
+    stats = search_all(job, ids_mm, scores_mm, status_mm, progress)
+    stats["decided_by"] = "cells" if by_cells else "per prediction"
+    if by_cells:
+        stats["cells"] = settle_cells(job, person, true_ids, ids_mm, scores_mm, status_mm, progress)
+        stats.update(status_counts(status_mm))
     top1 = np.array(ids_mm[:, :, 0], dtype=np.int64)
-    ids_mm.flush()
-    scores_mm.flush()
-    del ids_mm, scores_mm
-    return top1, stats
+    status = np.array(status_mm)
+    for mm in (ids_mm, scores_mm, status_mm):
+        mm.flush()
+    del ids_mm, scores_mm, status_mm
+    return top1, status, stats
 
 
-def _decide(inputs: QueryInputs, rows: list[tuple[str, Path, str]], top1: np.ndarray, tau: int) -> Decision:
-    """Stage 5: paper mode over every person's predicted names."""
-    persons, index = inputs.persons, inputs.index
-    person_index = {name: i for i, name in enumerate(persons)}
-    candidate_id = {name: len(index.names) + i for i, name in enumerate(inputs.missing)}
-    true_ids = np.array([candidate_id[p] if p in candidate_id else index.name_id(p) for p in persons], np.int64)
-    votes = paper_mode_votes(top1, np.array([person_index[n] for n, _, _ in rows], np.int64), true_ids)
+def _decide(inputs: QueryInputs, person: np.ndarray, true_ids: np.ndarray, top1: np.ndarray, status: np.ndarray,
+            tau: int) -> Decision:
+    """Stage 5: paper mode over every person's predicted names. Hits, scores and decisions are exact whenever
+    the search was (cells settled by witnesses vote as their exact top-1s would); vote counts are exact in
+    the cells whose photos all have an exact top-1 (`votes_exact`)."""
+    votes = paper_mode_votes(top1, person, true_ids)
     decisions = votes.decisions(tau)
-    metrics, label_info = label_metrics(persons, votes.n_images, decisions, inputs.labels)
-    return Decision(votes, decisions, metrics, label_info)
+    metrics, label_info = label_metrics(inputs.persons, votes.n_images, decisions, inputs.labels)
+    not_exact = ~np.isin(status, EXACT_STATUSES)  # [M, T]
+    open_counts = np.zeros((len(true_ids), status.shape[1]), np.int64)
+    np.add.at(open_counts, person, not_exact.astype(np.int64))
+    return Decision(votes, decisions, metrics, label_info, open_counts == 0)
 
 
 def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: LoadedModel,
@@ -343,7 +373,7 @@ def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: Lo
     candidates = index.names + inputs.missing
     in_index = np.array([index.name_id(p) is not None for p in persons])
     write_persons(tmp / "persons.csv", persons, decision.votes, decision.decisions, inputs.labels, in_index)
-    write_modes(tmp / "modes.csv", persons, decision.votes, candidates)
+    write_modes(tmp / "modes.csv", persons, decision.votes, candidates, decision.votes_exact)
     write_images_csv(tmp / PREDICTIONS / "images.csv", [(n, str(p), s) for n, p, s in rows])
     (tmp / PREDICTIONS / "candidates.txt").write_text("".join(c + "\n" for c in candidates), encoding="utf-8")
     images_used = decision.votes.n_images

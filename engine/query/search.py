@@ -17,6 +17,7 @@ from idia_engine.indexes import sort_topk
 from ..disk.faults import fault_point
 from ..index.reader import NameIndex
 from ..progress import Progress
+from .cells import BRUTE_FORCE, CERTIFIED, EXACT_BY_INDEX, TRUE_UNRESOLVED, UNCERTIFIED, WITNESSED
 from .store import EmbeddingStore, Namespace
 
 
@@ -36,27 +37,28 @@ class SearchJob:
     fallback: bool  # approximate kinds: brute-force what cannot be certified
 
 
-def search_all(job: SearchJob, ids_out: np.ndarray, scores_out: np.ndarray, progress: Progress) -> dict:
-    """Fill ids_out/scores_out [M, T, k] with each image's top-k candidates per template; return the
-    `search` section of summary.json (how many predictions were exact by the index, certified, answered
-    by brute force, or kept uncertified)."""
+def search_all(job: SearchJob, ids_out: np.ndarray, scores_out: np.ndarray, status_out: np.ndarray,
+               progress: Progress) -> dict:
+    """Fill ids_out/scores_out [M, T, k] with each image's top-k candidates per template and status_out
+    [M, T] with how each top-1 was obtained (`cells` status codes); return the `search` section of
+    summary.json (how many predictions were exact by the index, certified, answered by brute force, or
+    kept uncertified)."""
     index = job.index
     params = {**index.manifest.search_params, **(job.search_params or {})}
     total = len(job.shas) * index.num_templates
-    stats = {"index_kind": index.manifest.index_kind, "search_params": params, "predictions": total,
-             "exact_by_index": 0, "certified": 0, "fell_back": 0, "uncertified_kept": 0}
+    stats = {"index_kind": index.manifest.index_kind, "search_params": params, "predictions": total}
     progress("search", 0, total)
     done = 0
+    status_out[:] = UNCERTIFIED
     # One searcher at a time (one template, or every template for the ensemble): memory stays bounded.
     for searcher in index.kind.open_searchers(index, use_gpu=job.use_gpu):
         for start, queries in job.store.iter_embeddings(job.ns, job.shas, job.chunk):
             res = searcher.search(queries, job.k, params or None, job.fallback)
-            stats["exact_by_index"] += int(res.exact_by_index.sum())
-            stats["certified"] += int(res.certified.sum())
-            stats["fell_back"] += int(res.fell_back.sum())
-            stats["uncertified_kept"] += int(res.uncertified_kept.sum())
+            status = np.select([res.exact_by_index, res.certified, res.fell_back],
+                               [EXACT_BY_INDEX, CERTIFIED, BRUTE_FORCE], UNCERTIFIED).astype(np.int8)
             for j, t in enumerate(res.templates):
-                scores, ids = _merge_extra(len(index.names), t, queries, res.scores[:, j], res.ids[:, j],
+                status_out[start:start + len(queries), t] = status[:, j]
+                scores, ids = merge_extra(len(index.names), t, queries, res.scores[:, j], res.ids[:, j],
                                            job.extra_emb, job.k)
                 ids_out[start:start + len(queries), t] = ids
                 scores_out[start:start + len(queries), t] = scores
@@ -64,16 +66,28 @@ def search_all(job: SearchJob, ids_out: np.ndarray, scores_out: np.ndarray, prog
             progress("search", done, total)
             fault_point("query.search.chunk")
         del searcher
-    stats["exact_decisions"] = stats["uncertified_kept"] == 0
+    stats.update(status_counts(status_out))
     return stats
 
 
-def _merge_extra(n_index: int, t: int, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray,
-                 extra_emb: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Names added for this run are scored exactly and merged into the top-k."""
+def status_counts(status: np.ndarray) -> dict:
+    """The counts of summary.json's `search` section from the top-1 status of every (image, template)."""
+    status = np.asarray(status)
+    counts = {key: int((status == code).sum()) for key, code in (
+        ("exact_by_index", EXACT_BY_INDEX), ("certified", CERTIFIED), ("fell_back", BRUTE_FORCE),
+        ("witnessed", WITNESSED), ("true_name_unresolved", TRUE_UNRESOLVED), ("uncertified_kept", UNCERTIFIED))}
+    counts["top1_exact"] = counts["exact_by_index"] + counts["certified"] + counts["fell_back"]
+    counts["exact_decisions"] = counts["uncertified_kept"] == 0
+    return counts
+
+
+def merge_extra(n_index: int, t: int, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                extra_emb: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Names added for this run are scored exactly (the engine's exact score, `indexes.exact`) and merged
+    into the top-k."""
     if extra_emb is None:
         return scores, ids
-    extra_scores = queries @ extra_emb[t].T
+    extra_scores = (queries.astype(np.float64) @ extra_emb[t].T.astype(np.float64)).astype(np.float32)
     extra_ids = np.broadcast_to(np.arange(n_index, n_index + extra_emb.shape[1]), extra_scores.shape)
     scores, ids = sort_topk(np.concatenate([scores, extra_scores], 1), np.concatenate([ids, extra_ids], 1))
     return scores[:, :k], ids[:, :k]
