@@ -36,7 +36,7 @@ from idia_engine.engine.query.votes import paper_mode_votes
 from idia_engine.indexes import get_backend
 from idia_engine.indexes.choice import estimate_index_bytes, ivf_nlist
 from idia_engine.indexes.ensemble import TemplateEnsemble
-from idia_engine.indexes.exact import Exactness, exact_scores, exact_topk, search_exact
+from idia_engine.indexes.exact import Exactness, exact_scores, exact_topk, max_row_norm, search_exact
 from idia_engine.indexes.gpu import faiss_gpu_count
 
 from .synthetic import SyntheticConfig, SyntheticNames
@@ -367,8 +367,9 @@ def _cells(ens: TemplateEnsemble, gen: SyntheticNames, src: _TimedSource, q: np.
         gen_s += time.perf_counter() - start
         start = time.perf_counter()
         true_scores = exact_scores(rows, q, y[:, None])[:, 0]
+        norm = max_row_norm(rows)  # once per template, for both brute-force rounds
         dec = decide_cells(pre.scores[:, t], pre.ids[:, t], pre.certified[:, t], true_scores, person, true,
-                           lambda r, rows=rows: exact_topk(rows, q[r], 1))
+                           lambda r, rows=rows, norm=norm: exact_topk(rows, q[r], 1, row_norm=norm))
         search_s += time.perf_counter() - start
         top1[:, t], exact[:, t] = dec.ids[:, 0], dec.top1_exact
         by_witnesses += int((dec.settled_by == BY_WITNESSES).sum())

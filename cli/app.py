@@ -101,7 +101,8 @@ def _errors_to_exit() -> Iterator[None]:
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Log what happens (INFO level).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 DeviceOpt = typer.Option(DeviceChoice.AUTO, "--device", help="auto = CUDA when torch sees a GPU, else CPU.")
-PrecisionOpt = typer.Option(Precision.FP32, "--precision", help="Forward-pass precision (fp16/bf16 run under autocast).")
+PrecisionOpt = typer.Option(Precision.FP32, "--precision", help="Forward-pass precision (fp16/bf16 run under autocast; "
+                            "auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32).")
 
 
 @app.command("build-index")

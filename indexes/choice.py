@@ -7,8 +7,11 @@ summary predicts, so every per-list bound stays far above the top score and the 
 nearly every query even at nprobe = nlist - 1; all of them then fall back to brute force. Codes scanned
 in full do certify (SQfp16, SQ8 with 64 candidates), because their worst-case code error is below the gap
 between the best score and the 64th. So with `exact_decisions` (the engine's paper mode) the choice is among
-indexes scanned in full, smallest first that fits the budget; IVF is chosen only when approximate decisions
-are acceptable (exact_decisions=False).
+exact paths, smallest first that fits the budget: flat; on a CPU then the template ensemble, whose query
+settles (person, template) cells by witnesses and brute-forces open ones over the raw rows kept on disk
+(`engine/query/cells.py`; faiss's scalar-code scans are not BLAS GEMMs and ran 5-7x slower than flat on
+an AVX2 CPU); then full-scan codes. IVF is chosen only when approximate decisions are acceptable
+(exact_decisions=False).
 """
 
 from __future__ import annotations
@@ -37,11 +40,18 @@ class IndexChoice:
     reason: str = ""  # one sentence: why this index
     bytes_total: int = 0  # estimated memory of all templates' indexes together
     gpu_float16: bool = False  # on a GPU, store a flat index in float16 (only chosen when float32 does not fit)
+    registry_kind: str = ""  # a registered kind that is not a faiss factory string ("ensemble"), else ""
 
     @property
     def kind(self) -> str:
         """The registry kind, as recorded in the index manifest."""
-        return f"faiss:{self.factory}"
+        return self.registry_kind or f"faiss:{self.factory}"
+
+
+def ensemble_bytes(num_names: int, num_templates: int, dim: int) -> int:
+    """Memory of the template ensemble at query time: the float32 means, the flat index over them (a copy),
+    per-name radii and per-template offsets; the raw vectors stay on disk (memory-mapped, read in chunks)."""
+    return 2 * num_names * dim * 4 + num_names * 8 + num_templates * (dim + 1) * 8
 
 
 def code_bytes(codec: str, dim: int) -> int:
@@ -136,6 +146,12 @@ def choose_index(num_names: int, num_templates: int, dim: int, memory_budget_byt
                                    f"exact decisions need a full scan; float16 flat needs {_gib(total('Flat16'))}, "
                                    f"IVF{nlist},SQ8 probing all lists fits the {budget}", total("SQ8", nlist))
         else:
+            ens = ensemble_bytes(n, t, dim)
+            if ens <= memory_budget_bytes:
+                return IndexChoice("ensemble", {}, f"exact decisions; flat needs {_gib(total('Flat'))}, the template "
+                                   f"ensemble ({_gib(ens)}, raw vectors on disk) fits the {budget}: cells are settled "
+                                   "by witnesses and open ones brute-forced over the raw rows, faster on a CPU than "
+                                   "a full scan of scalar codes", ens, registry_kind="ensemble")
             for codec in ("SQfp16", "SQ8"):
                 if fits(codec):
                     return IndexChoice(codec, {}, f"exact decisions need a full scan; flat needs "

@@ -6,6 +6,7 @@ It is the baseline every benchmark measures against, and an independent exact pa
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,11 +23,27 @@ _WHAT = "the dense baseline"  # names it in the refusal of search parameters
 _SCORE_BUDGET = 64 * 1024 * 1024
 
 
+@contextmanager
+def float32_matmul():
+    """Full float32 matrix products for the duration: torch may otherwise use TF32 (10-bit mantissa) on
+    NVIDIA GPUs when a caller has set `torch.set_float32_matmul_precision("high")` or allow_tf32, which moves
+    scores by ~1e-3 and flips arg-maxes; the previous setting is restored afterwards."""
+    precision = torch.get_float32_matmul_precision()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(precision)
+
+
 @register_backend
 class DenseTorchBackend(NameIndexBackend):
     kind: ClassVar[str] = "dense"
     file_suffix: ClassVar[str] = ".npy"
-    # Scores are float32 dot products of the stored rows (torch keeps TF32 off for float32 matmul by default).
+    # Scores are float32 dot products of the stored rows (TF32 held off during search: `float32_matmul`).
     exact_search: ClassVar[bool] = True
 
     def __init__(self, dim: int, device: torch.device):
@@ -78,7 +95,8 @@ class DenseTorchBackend(NameIndexBackend):
             return out_s, out_i
         step = max(1, _SCORE_BUDGET // max(1, len(names)))
         for start in range(0, len(q), step):
-            sims = q[start:start + step] @ names.T
+            with float32_matmul():
+                sims = q[start:start + step] @ names.T
             top_s, top_i = torch.topk(sims, k, dim=1)
             # torch.topk picks an arbitrary member of a tie at the k-th place; the engine's convention is
             # the lowest id, so rows with more than k names at or above the k-th score are redone exactly.

@@ -124,7 +124,7 @@ def _keep_threshold(lower: np.ndarray) -> np.ndarray:
     return lower - (2.0 ** -22 * np.abs(lower) + 1e-30)
 
 
-def _exact_topk_block(rows: np.ndarray, q: np.ndarray, k: int, chunk_rows: int | None
+def _exact_topk_block(rows: np.ndarray, q: np.ndarray, k: int, chunk_rows: int | None, row_norm: float | None
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Brute force for one block of queries: a float32 filter (GEMM + top-k per chunk) with a rigorous error
     margin, then the exact float64 re-rank of the survivors.
@@ -142,7 +142,7 @@ def _exact_topk_block(rows: np.ndarray, q: np.ndarray, k: int, chunk_rows: int |
     out_i = np.empty((len(q), k), np.int64)
     todo, extra = np.arange(len(q)), _FILTER_EXTRA
     while len(todo):
-        s, i, safe = _filter_pass(rows, q[todo], q64[todo], qn[todo], k, k + extra, step)
+        s, i, safe = _filter_pass(rows, q[todo], q64[todo], qn[todo], k, k + extra, step, row_norm)
         out_s[todo[safe]], out_i[todo[safe]] = s, i
         todo, extra = todo[~safe], extra * 8
     return out_s, out_i
@@ -158,7 +158,7 @@ def _chunk_topk(q: np.ndarray, x: np.ndarray, kk: int) -> tuple[np.ndarray, np.n
 
 
 def _filter_pass(rows: np.ndarray, q: np.ndarray, q64: np.ndarray, qn: np.ndarray, k: int, per_chunk: int,
-                 step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 step: int, row_norm: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One pass of `_exact_topk_block`: (scores, ids) of the settled queries and the mask of settled ones."""
     n, d = rows.shape
     g = gamma(d)
@@ -167,7 +167,8 @@ def _filter_pass(rows: np.ndarray, q: np.ndarray, q64: np.ndarray, qn: np.ndarra
         x = np.ascontiguousarray(rows[start:start + step], dtype=np.float32)
         c = len(x)
         # float32 sums of squares (all terms >= 0) are within gamma_D of the real ones: divide it out
-        xmax = float(np.sqrt(float(np.einsum("ij,ij->i", x, x).max()) / (1 - g))) * (1 + 1e-6)
+        xmax = row_norm if row_norm is not None else (
+            float(np.sqrt(float(np.einsum("ij,ij->i", x, x).max()) / (1 - g))) * (1 + 1e-6))
         delta = g * qn * xmax + 1e-30
         kk = min(per_chunk, c)
         dist, ids = _chunk_topk(q, x, kk)
@@ -191,10 +192,23 @@ def _filter_pass(rows: np.ndarray, q: np.ndarray, q64: np.ndarray, qn: np.ndarra
     return s32[sel].reshape(nsafe, k), ii[sel].reshape(nsafe, k), safe
 
 
-def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, *, chunk_rows: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def max_row_norm(vectors: np.ndarray, *, chunk_rows: int | None = None) -> float:
+    """An upper bound on the L2 norm of every row (float32 sums of squares, their gamma_D error divided out),
+    read in chunks: pass it to repeated `exact_topk` calls over the same rows to skip the per-call pass."""
+    rows = np.asarray(vectors) if not isinstance(vectors, np.ndarray) else vectors
+    step = chunk_rows or max(1024, _ROW_BLOCK // max(1, rows.shape[1]))
+    best = 0.0
+    for start in range(0, len(rows), step):
+        x = np.asarray(rows[start:start + step], dtype=np.float32)
+        best = max(best, float(np.einsum("ij,ij->i", x, x).max(initial=0.0)))
+    return float(np.sqrt(best / (1 - gamma(rows.shape[1])))) * (1 + 1e-6)
+
+
+def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, *, chunk_rows: int | None = None,
+               row_norm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force exact top-k over all rows of `vectors` (float32 [N, D], array or memmap, read in chunks of
-    `chunk_rows` rows): (scores float32 [Q, k'], ids int64 [Q, k']), k' = min(k, N), ordered by sort_topk."""
+    `chunk_rows` rows): (scores float32 [Q, k'], ids int64 [Q, k']), k' = min(k, N), ordered by sort_topk.
+    row_norm: `max_row_norm(vectors)` when known (else each chunk's is computed)."""
     q = as_vectors(queries, np.shape(vectors)[1] if np.ndim(vectors) == 2 else None, what="queries")
     rows = _check_rows(vectors, q.shape[1])
     k = min(int(k), len(rows))
@@ -204,7 +218,7 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, *, chunk_rows: 
     out_i = np.empty((len(q), k), np.int64)
     for lo in range(0, len(q), _QUERY_BLOCK):
         out_s[lo:lo + _QUERY_BLOCK], out_i[lo:lo + _QUERY_BLOCK] = _exact_topk_block(
-            rows, q[lo:lo + _QUERY_BLOCK], k, chunk_rows)
+            rows, q[lo:lo + _QUERY_BLOCK], k, chunk_rows, row_norm)
     return out_s, out_i
 
 

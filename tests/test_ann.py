@@ -553,8 +553,10 @@ GIB = 2 ** 30
     (1_000, 21, 512, 1 * GIB, "cpu", True, "Flat", {}),  # the paper's label space
     (200_000, 21, 512, 16 * GIB, "cpu", False, "Flat", {}),  # small: flat fits
     (1_000_000, 21, 512, 64 * GIB, "cpu", True, "Flat", {}),  # exact decisions: flat while it fits
-    (1_000_000, 21, 512, 30 * GIB, "cpu", True, "SQfp16", {}),  # then full-scan codes
-    (1_000_000, 21, 512, 12 * GIB, "cpu", True, "SQ8", {}),
+    (1_000_000, 21, 512, 30 * GIB, "cpu", True, "ensemble", {}),  # then the ensemble (cells; rows on disk)
+    (1_000_000, 21, 512, 5 * GIB, "cpu", True, "ensemble", {}),
+    (1_000_000, 1, 512, int(1.5 * GIB), "cpu", True, "SQfp16", {}),  # then full-scan codes (ensemble over budget)
+    (1_000_000, 1, 512, int(0.7 * GIB), "cpu", True, "SQ8", {}),
     (1_000_000, 21, 512, 64 * GIB, "cpu", False, "IVF4096,Flat", {"nprobe": 256}),  # approximate: IVF by budget
     (1_000_000, 21, 512, 16 * GIB, "cpu", False, "IVF4096,SQ8", {"nprobe": 256}),
     (1_000_000, 21, 512, 3 * GIB, "cpu", False, "IVF4096,PQ128", {"nprobe": 256}),
@@ -568,7 +570,7 @@ def test_choose_index_table(names, templates, dim, budget, device, exact, factor
     choice = choose_index(names, templates, dim, budget, device, exact_decisions=exact)
     assert (choice.factory, choice.search_params) == (factory, params), choice.reason
     assert choice.bytes_total <= budget and choice.reason
-    assert choice.kind == f"faiss:{factory}"
+    assert choice.kind == (factory if factory == "ensemble" else f"faiss:{factory}")
     assert choice.gpu_float16 == (device == "cuda" and factory == "Flat" and 4 * names * dim * templates > budget)
     get_backend(choice.kind)  # the factory string is valid
 
@@ -585,3 +587,18 @@ def test_choose_index_rejects_what_cannot_fit_and_bad_inputs():
             choose_index(**args)
     assert estimate_index_bytes("SQ8", 1000, 512) == 512_000
     assert estimate_index_bytes("PQ64", 1000, 512, nlist=64) == 1000 * 72 + 64 * 512 * 4 + 64 * 40
+
+
+def test_exact_topk_with_a_given_row_norm_bound_is_the_same_answer():
+    from idia_engine.indexes.exact import max_row_norm
+
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((3000, 24)).astype(np.float32)
+    rows[5] *= 3.0  # one long row: the bound must cover it
+    rows[9] = rows[4]  # identical rows: ties to the lower id
+    q = rng.standard_normal((11, 24)).astype(np.float32)
+    norm = max_row_norm(rows, chunk_rows=500)
+    assert norm >= np.linalg.norm(rows.astype(np.float64), axis=1).max()
+    a = exact_topk(rows, q, 3, chunk_rows=700)
+    b = exact_topk(rows, q, 3, chunk_rows=700, row_norm=norm)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])

@@ -117,3 +117,12 @@ def test_bad_options_are_one_line_errors(tmp_path):
     assert "unknown method" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["bench", "--quick", "--size", "3", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--size" in res.output
+
+
+def test_precision_benchmark_reports_every_precision_beside_float32():
+    from idia_engine.benchmarks.precision import measure
+
+    result = measure(queries=8, names=256, dim=32, repeat=1)
+    assert set(result["results"]) == {"float32", "float16", "bfloat16", "int8 (torch._int_mm)"}
+    assert result["results"]["float32"]["x_float32_speed"] == 1.0
+    assert result["machine"]["cpu_features"]

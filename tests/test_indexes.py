@@ -731,3 +731,27 @@ def test_exact_backends_bound_left_out_rows_by_the_last_score(kind, world):
     assert (slack > 0).all() and (slack <= 2 * gamma(DIM)).all()  # the k'-th score plus float32 rounding only
     assert (backend.search_candidates(queries, len(names)).bound == -np.inf).all()
     assert (backend.search_candidates(queries, 0).bound == np.inf).all()
+
+
+def test_dense_search_holds_tf32_off_and_restores_the_callers_setting(monkeypatch):
+    import torch
+    from idia_engine.indexes import dense
+
+    seen = []
+    real = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32))
+        return real(a, b)
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+        backend = dense.DenseTorchBackend.create(4)
+        backend.add(np.eye(4, dtype=np.float32))
+        backend.search(np.eye(4, dtype=np.float32)[:2], 1)
+        assert seen and all(s == ("highest", False) for s in seen)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

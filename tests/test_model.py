@@ -189,3 +189,20 @@ def test_reduced_precision_agrees_with_fp32(tiny_spec, tiny_model, precision):
     low = load_model(tiny_spec, "cpu", precision)
     cos = (low.encode_text(PROMPTS) * tiny_model.encode_text(PROMPTS)).sum(1)
     assert cos.min() > 0.999
+
+
+def test_precision_auto_follows_what_the_device_runs_natively(monkeypatch, caplog):
+    import torch
+    from idia_engine.engine.model import load, text_encoder
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, expected in ((False, load.Precision.FP32), (True, load.Precision.BF16)):
+        monkeypatch.setattr(text_encoder, "bf16_supported", lambda device, native=native: native)
+        assert load.resolve_precision("auto", cpu) is expected
+    assert load.resolve_precision("auto", cuda) is load.Precision.FP16
+    monkeypatch.setattr(text_encoder, "bf16_supported", lambda device: False)
+    with caplog.at_level("WARNING"):
+        assert load.resolve_precision("bf16", cpu) is load.Precision.BF16  # asked for: kept, with a warning
+    assert "emulated" in caplog.text
+    with pytest.raises(ValueError):
+        load.Precision.AUTO.autocast_dtype

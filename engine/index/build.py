@@ -94,7 +94,7 @@ def resolve_index_kind(kind: str, num_names: int, num_templates: int, dim: int, 
     kind = kind.strip()
     if kind == "auto":
         choice = choose_index(num_names, num_templates, dim, memory_budget_bytes, device)
-        if choice.factory == "Flat" and not choice.gpu_float16:
+        if choice.factory == "Flat" and not choice.gpu_float16 and not choice.registry_kind:
             return "flat", {}, choice.reason
         return choice.kind, dict(choice.search_params), choice.reason
     if kind in backend_kinds() or ":" in kind:

@@ -10,7 +10,7 @@ computation; `predictions/top1_status.npy` says which top-1s are exact.
 from __future__ import annotations
 
 import numpy as np
-from idia_engine.indexes.exact import exact_scores, exact_topk
+from idia_engine.indexes.exact import exact_scores, exact_topk, max_row_norm
 
 from ..disk.faults import fault_point
 from ..progress import Progress
@@ -40,8 +40,12 @@ def settle_cells(job: SearchJob, person: np.ndarray, true_ids: np.ndarray, ids_o
             extra = job.extra_emb[t][y[~in_index] - n_index].astype(np.float64)
             true_scores[~in_index] = np.einsum("md,md->m", q[~in_index].astype(np.float64), extra)
 
-        def resolve(r: np.ndarray, rows: np.ndarray = rows, t: int = t) -> tuple[np.ndarray, np.ndarray]:
-            s, i = exact_topk(rows, q[r], k)
+        norm: list[float] = []  # the rows' norm bound, read once per template and only if brute force runs
+
+        def resolve(r: np.ndarray, rows: np.ndarray = rows, t: int = t, norm: list[float] = norm
+                    ) -> tuple[np.ndarray, np.ndarray]:
+            norm[:] = norm or [max_row_norm(rows)]
+            s, i = exact_topk(rows, q[r], k, row_norm=norm[0])
             return merge_extra(n_index, t, q[r], s, i, job.extra_emb, k)
 
         dec = decide_cells(np.asarray(scores_out[:, t]), np.asarray(ids_out[:, t], np.int64),
