@@ -41,7 +41,7 @@ step versions 30 "$PY" -c "import torch, faiss, open_clip, numpy; print('torch',
 step nvidia-smi 10 nvidia-smi
 step gpu-tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$DEST/gpu-tests.xml"
 step bench-1e5 150 "$PY" -m idia_engine.cli.app bench --device cuda --size 100000 --persons 10 \
-    --methods dense,flat,ensemble,dense-gpu,flat-gpu --out "$DEST/bench-1e5" --quiet
+    --methods dense,flat,ensemble,cells,dense-gpu,flat-gpu --member-fraction 0.5 --out "$DEST/bench-1e5" --quiet
 step bench-1e6 180 "$PY" -m idia_engine.cli.app bench --device cuda --size 1000000 --persons 10 \
     --methods dense,flat,dense-gpu,flat-gpu --out "$DEST/bench-1e6" --quiet
 step text-encoder 60 "$PY" - <<'PYEOF'

@@ -330,7 +330,7 @@ def _one_size(config: BenchConfig, n: int, progress: Callable[[str, int, int], N
             start = time.perf_counter()
             ens = TemplateEnsemble.build(src, n, t_count, dim)
             build_s = time.perf_counter() - start - src.seconds
-        cells = _cells(ens, gen, src, q, person, true, config.cell_candidates)
+        cells = _cells(ens, gen, src, q, person, true, config.cell_candidates, use_gpu)
         top1, exact = cells.pop("top1"), cells.pop("top1_exact_mask")
         results["cells"] = {**cells, "build_s": build_s, "index_bytes": ens.nbytes,
                             "rss_gb_after_build": round(_rss_gb(), 3), **_agreement(top1, ref, person, true),
@@ -348,9 +348,10 @@ def _one_size(config: BenchConfig, n: int, progress: Callable[[str, int, int], N
 
 
 def _cells(ens: TemplateEnsemble, gen: SyntheticNames, src: _TimedSource, q: np.ndarray, person: np.ndarray,
-           true: np.ndarray, candidates: int) -> dict[str, Any]:
+           true: np.ndarray, candidates: int, use_gpu: bool) -> dict[str, Any]:
     """The engine's default exact method: the ensemble's candidates (no fallback), then per template the cells
-    settled by witnesses and a batched brute force of the photos they leave open (`engine.query.cells`).
+    settled by witnesses and a batched brute force of the photos they leave open (`engine.query.cells`; its
+    products on the GPU when one is used).
     Regenerating rows (candidate rows, and each template's rows for the brute force) is excluded from q/s."""
     src.seconds = 0.0
     start = time.perf_counter()
@@ -369,7 +370,7 @@ def _cells(ens: TemplateEnsemble, gen: SyntheticNames, src: _TimedSource, q: np.
         true_scores = exact_scores(rows, q, y[:, None])[:, 0]
         norm = max_row_norm(rows)  # once per template, for both brute-force rounds
         dec = decide_cells(pre.scores[:, t], pre.ids[:, t], pre.certified[:, t], true_scores, person, true,
-                           lambda r, rows=rows, norm=norm: exact_topk(rows, q[r], 1, row_norm=norm))
+                           lambda r, rows=rows, norm=norm: exact_topk(rows, q[r], 1, row_norm=norm, use_gpu=use_gpu))
         search_s += time.perf_counter() - start
         top1[:, t], exact[:, t] = dec.ids[:, 0], dec.top1_exact
         by_witnesses += int((dec.settled_by == BY_WITNESSES).sum())

@@ -124,8 +124,8 @@ def _keep_threshold(lower: np.ndarray) -> np.ndarray:
     return lower - (2.0 ** -22 * np.abs(lower) + 1e-30)
 
 
-def _exact_topk_block(rows: np.ndarray, q: np.ndarray, k: int, chunk_rows: int | None, row_norm: float | None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def _exact_topk_block(rows: np.ndarray, q: np.ndarray, k: int, chunk_rows: int | None, row_norm: float | None,
+                      device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Brute force for one block of queries: a float32 filter (GEMM + top-k per chunk) with a rigorous error
     margin, then the exact float64 re-rank of the survivors.
 
@@ -142,23 +142,41 @@ def _exact_topk_block(rows: np.ndarray, q: np.ndarray, k: int, chunk_rows: int |
     out_i = np.empty((len(q), k), np.int64)
     todo, extra = np.arange(len(q)), _FILTER_EXTRA
     while len(todo):
-        s, i, safe = _filter_pass(rows, q[todo], q64[todo], qn[todo], k, k + extra, step, row_norm)
+        s, i, safe = _filter_pass(rows, q[todo], q64[todo], qn[todo], k, k + extra, step, row_norm, device)
         out_s[todo[safe]], out_i[todo[safe]] = s, i
         todo, extra = todo[~safe], extra * 8
     return out_s, out_i
 
 
-def _chunk_topk(q: np.ndarray, x: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """The float32 top-kk of q against one chunk of rows: a plain BLAS GEMM and torch.topk (any order
-    within a tie; the exact re-rank orders them). Not faiss.knn: faiss leaves BLAS for small query batches
-    and is then ~5x slower, and the batches brute force gets (photos certificates left open) are small."""
-    s = torch.from_numpy(q @ x.T)
+def _chunk_topk(q: np.ndarray, x: np.ndarray, kk: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 top-kk of q against one chunk of rows: a plain GEMM and torch.topk (any order within a tie;
+    the exact re-rank orders them). On the CPU numpy's BLAS (not faiss.knn: faiss leaves BLAS for small query
+    batches and is then ~5x slower, and the batches brute force gets, photos certificates left open, are
+    small); on a GPU cuBLAS in full float32 (TF32 held off: the error bound assumes float32 products)."""
+    if device.type == "cpu":
+        s = torch.from_numpy(q @ x.T)
+        top_s, top_i = torch.topk(s, kk, dim=1)
+        return top_s.numpy(), top_i.numpy().astype(np.int64)
+    from .dense import float32_matmul
+
+    with float32_matmul():
+        s = torch.from_numpy(q).to(device) @ torch.from_numpy(x).to(device).T
     top_s, top_i = torch.topk(s, kk, dim=1)
-    return top_s.numpy(), top_i.numpy().astype(np.int64)
+    return top_s.cpu().numpy(), top_i.cpu().numpy().astype(np.int64)
+
+
+def brute_force_device(use_gpu: bool) -> torch.device:
+    """Where exact_topk multiplies: CUDA when asked for and torch sees a GPU, else the CPU (with a log line)."""
+    if use_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    if use_gpu:
+        log.warning("GPU brute force asked for, but torch sees no CUDA GPU: multiplying on the CPU")
+    return torch.device("cpu")
 
 
 def _filter_pass(rows: np.ndarray, q: np.ndarray, q64: np.ndarray, qn: np.ndarray, k: int, per_chunk: int,
-                 step: int, row_norm: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 step: int, row_norm: float | None, device: torch.device
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One pass of `_exact_topk_block`: (scores, ids) of the settled queries and the mask of settled ones."""
     n, d = rows.shape
     g = gamma(d)
@@ -171,7 +189,7 @@ def _filter_pass(rows: np.ndarray, q: np.ndarray, q64: np.ndarray, qn: np.ndarra
             float(np.sqrt(float(np.einsum("ij,ij->i", x, x).max()) / (1 - g))) * (1 + 1e-6))
         delta = g * qn * xmax + 1e-30
         kk = min(per_chunk, c)
-        dist, ids = _chunk_topk(q, x, kk)
+        dist, ids = _chunk_topk(q, x, kk, device)
         got_s.append(dist.astype(np.float64))
         got_i.append(ids + start)
         got_delta.append(np.broadcast_to(delta[:, None], dist.shape))
@@ -205,10 +223,12 @@ def max_row_norm(vectors: np.ndarray, *, chunk_rows: int | None = None) -> float
 
 
 def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, *, chunk_rows: int | None = None,
-               row_norm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+               row_norm: float | None = None, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force exact top-k over all rows of `vectors` (float32 [N, D], array or memmap, read in chunks of
     `chunk_rows` rows): (scores float32 [Q, k'], ids int64 [Q, k']), k' = min(k, N), ordered by sort_topk.
-    row_norm: `max_row_norm(vectors)` when known (else each chunk's is computed)."""
+    row_norm: `max_row_norm(vectors)` when known (else each chunk's is computed). use_gpu: multiply on a CUDA
+    GPU when torch sees one (chunks of rows stream from host memory; the exact re-rank stays float64 on the
+    CPU), else on the CPU."""
     q = as_vectors(queries, np.shape(vectors)[1] if np.ndim(vectors) == 2 else None, what="queries")
     rows = _check_rows(vectors, q.shape[1])
     k = min(int(k), len(rows))
@@ -216,9 +236,10 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, *, chunk_rows: 
         return np.zeros((len(q), max(k, 0)), np.float32), np.zeros((len(q), max(k, 0)), np.int64)
     out_s = np.empty((len(q), k), np.float32)
     out_i = np.empty((len(q), k), np.int64)
+    device = brute_force_device(use_gpu)
     for lo in range(0, len(q), _QUERY_BLOCK):
         out_s[lo:lo + _QUERY_BLOCK], out_i[lo:lo + _QUERY_BLOCK] = _exact_topk_block(
-            rows, q[lo:lo + _QUERY_BLOCK], k, chunk_rows, row_norm)
+            rows, q[lo:lo + _QUERY_BLOCK], k, chunk_rows, row_norm, device)
     return out_s, out_i
 
 

@@ -48,3 +48,40 @@ def test_cuda_pipeline_agrees_with_cpu(tmp_path, world, tiny_model_files):
     assert agreement >= 0.99, agreement
     if agreement == 1.0:
         assert (cpu / "persons.csv").read_text() == (gpu / "persons.csv").read_text()
+
+
+def _rows_and_queries():
+    rng = np.random.default_rng(11)
+    rows = rng.standard_normal((5000, 64)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    rows[17] = rows[3]  # an exact tie: the lower id wins on every device
+    q = rows[[3, 40, 41]] + 0.05 * rng.standard_normal((3, 64)).astype(np.float32)
+    return rows, np.vstack([q, rng.standard_normal((9, 64)).astype(np.float32)])
+
+
+@pytest.mark.skipif(has_cuda, reason="checks the fallback of a machine without a GPU")
+def test_gpu_brute_force_without_gpu_falls_back_to_the_cpu(caplog):
+    from idia_engine.indexes.exact import exact_topk
+
+    rows, q = _rows_and_queries()
+    with caplog.at_level("WARNING"):
+        a = exact_topk(rows, q, 4, chunk_rows=1500, use_gpu=True)
+    assert "no CUDA GPU" in caplog.text
+    b = exact_topk(rows, q, 4, chunk_rows=1500)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda, reason="torch sees no CUDA GPU")
+def test_gpu_brute_force_equals_the_cpu_even_with_tf32_asked_for():
+    from idia_engine.indexes.exact import exact_topk
+
+    rows, q = _rows_and_queries()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # would allow TF32; the brute force holds it off
+    try:
+        a = exact_topk(rows, q, 4, chunk_rows=1500, use_gpu=True)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    b = exact_topk(rows, q, 4, chunk_rows=1500)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])

@@ -45,7 +45,7 @@ def settle_cells(job: SearchJob, person: np.ndarray, true_ids: np.ndarray, ids_o
         def resolve(r: np.ndarray, rows: np.ndarray = rows, t: int = t, norm: list[float] = norm
                     ) -> tuple[np.ndarray, np.ndarray]:
             norm[:] = norm or [max_row_norm(rows)]
-            s, i = exact_topk(rows, q[r], k, row_norm=norm[0])
+            s, i = exact_topk(rows, q[r], k, row_norm=norm[0], use_gpu=job.use_gpu)
             return merge_extra(n_index, t, q[r], s, i, job.extra_emb, k)
 
         dec = decide_cells(np.asarray(scores_out[:, t]), np.asarray(ids_out[:, t], np.int64),
