@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from idia_engine.engine.demo.tiny_model import tiny_names
+from idia_engine.engine.errors import InputError
+from idia_engine.engine.evaluate.population import open_report
 from idia_engine.engine.index import encode as index_encode
 from idia_engine.engine.index.build import BuildConfig, build_index
 from idia_engine.engine.index.reader import open_index
@@ -155,6 +157,10 @@ def test_cells_give_the_exact_scores_and_decisions(kind, tiny_model, tiny_spec, 
     assert search["cells"]["photos_brute_forced"] == search["fell_back"]
     cells_stats = search["cells"]
     assert cells_stats["settled_by_witnesses"] > 0
+    # the protocol re-votes subsets of photos: a report with witnessed top-1s is refused, in one line
+    assert np.isin(status, (3, 4)).any()
+    with pytest.raises(InputError, match="--no-cells"):
+        open_report(tmp_path / f"r-{kind}")
     assert cells_stats["cells"] == cells_stats["settled_by_witnesses"] + cells_stats["settled_in_round_1"] + \
         cells_stats["settled_in_round_2"]
 

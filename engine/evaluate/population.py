@@ -15,8 +15,17 @@ import numpy as np
 from ..candidates.names_file import name_hash64
 from ..disk.textfiles import read_artifact_json
 from ..errors import ArtifactError, InputError
+from ..query.cells import TRUE_UNRESOLVED, WITNESSED
 from ..query.labels import LabelTable
-from ..query.report import PREDICTIONS, REPORT_ARTIFACT, REPORT_SCHEMA_VERSION, SUMMARY, Predictions, load_predictions
+from ..query.report import (
+    PREDICTIONS,
+    REPORT_ARTIFACT,
+    REPORT_SCHEMA_VERSION,
+    SUMMARY,
+    TOP1_STATUS,
+    Predictions,
+    load_predictions,
+)
 from ..query.votes import paper_mode_votes
 
 NOT_A_CANDIDATE = -2  # true id of a person whose name is not a candidate: never predicted, so never a hit
@@ -58,12 +67,27 @@ def open_report(report_dir: Path) -> tuple[dict, Predictions]:
     for name in ("topk_ids.npy", "images.csv", "candidates.txt"):
         if not (report_dir / PREDICTIONS / name).is_file():
             raise ArtifactError(f"report {report_dir} lacks {PREDICTIONS}/{name}; run `query` again")
+    _require_exact_top1s(report_dir)
     preds = load_predictions(report_dir)
     ids = preds.topk_ids
     if ids.ndim != 3 or ids.shape[1] < 1 or ids.shape[2] < 1 or ids.shape[0] != len(preds.images):
         raise ArtifactError(f"{report_dir / PREDICTIONS / 'topk_ids.npy'} has shape {ids.shape}; expected "
                             f"[images = {len(preds.images)} rows of images.csv, templates >= 1, k >= 1]")
     return summary, preds
+
+
+def _require_exact_top1s(report_dir: Path) -> None:
+    """The protocol re-votes over random subsets of each person's photos, which needs every photo's exact
+    top-1: a cell settled by witnesses is certified for the person's whole photo set only."""
+    path = Path(report_dir) / PREDICTIONS / TOP1_STATUS
+    if not path.is_file():  # reports written before statuses were recorded: per-prediction search
+        return
+    status = np.load(path, mmap_mode="r")
+    open_ = int(np.isin(status, (WITNESSED, TRUE_UNRESOLVED)).sum())
+    if open_:
+        raise InputError(f"report {report_dir}: {open_} of {status.size} top-1s are only certified for each "
+                         "person's whole photo set (cells settled by witnesses), but the protocol re-votes "
+                         "subsets of photos; run `query` again with --no-cells")
 
 
 def resolve_labels_path(report_dir: Path, summary: dict, labels_path: Path | None) -> tuple[Path, str]:
