@@ -213,7 +213,7 @@ def _filter_pass(rows: np.ndarray, q: np.ndarray, q64: np.ndarray, qn: np.ndarra
 def max_row_norm(vectors: np.ndarray, *, chunk_rows: int | None = None) -> float:
     """An upper bound on the L2 norm of every row (float32 sums of squares, their gamma_D error divided out),
     read in chunks: pass it to repeated `exact_topk` calls over the same rows to skip the per-call pass."""
-    rows = np.asarray(vectors) if not isinstance(vectors, np.ndarray) else vectors
+    rows = _check_rows(vectors, np.shape(vectors)[1] if np.ndim(vectors) == 2 else -1)
     step = chunk_rows or max(1024, _ROW_BLOCK // max(1, rows.shape[1]))
     best = 0.0
     for start in range(0, len(rows), step):
