@@ -157,10 +157,20 @@ def test_cells_give_the_exact_scores_and_decisions(kind, tiny_model, tiny_spec, 
     assert search["cells"]["photos_brute_forced"] == search["fell_back"]
     cells_stats = search["cells"]
     assert cells_stats["settled_by_witnesses"] > 0
-    # the protocol re-votes subsets of photos: a report with witnessed top-1s is refused, in one line
-    assert np.isin(status, (3, 4)).any()
-    with pytest.raises(InputError, match="--no-cells"):
-        open_report(tmp_path / f"r-{kind}")
+    # The protocol re-votes subsets of photos: a report with witnessed top-1s is refused, in one line. Whether
+    # this world leaves a witnessed top-1 depends on the CPU's rounding in IVF training, so the refusal is
+    # checked on whichever side this run lands, then on the same report with one top-1 marked witnessed.
+    report_dir = tmp_path / f"r-{kind}"
+    if np.isin(status, (3, 4)).any():
+        with pytest.raises(InputError, match="--no-cells"):
+            open_report(report_dir)
+    else:
+        open_report(report_dir)
+    marked = np.where(np.isin(status, (3, 4)), 0, status).astype(status.dtype)
+    marked[0, 0] = 3
+    np.save(report_dir / "predictions" / "top1_status.npy", marked)
+    with pytest.raises(InputError, match=r"1 of \d+ top-1s are only certified .*--no-cells"):
+        open_report(report_dir)
     assert cells_stats["cells"] == cells_stats["settled_by_witnesses"] + cells_stats["settled_in_round_1"] + \
         cells_stats["settled_in_round_2"]
 
