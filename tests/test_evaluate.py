@@ -489,8 +489,9 @@ def test_outputs_and_summary(tmp_path):
     result = evaluate_report(report, labels, SMALL, progress=lambda *a: calls.append(a))
     out = report / "evaluation"
     assert result.out_dir == out
-    pngs = ["rates_by_n.png", "roc.png", "roc_loglog.png", "occurrence_heatmap.png"]
-    csvs = ["rates_by_n.csv", "tau_sweep.csv", "roc.csv", "occurrence_tpr.csv"]
+    pngs = ["rates_by_n.png", "roc.png", "roc_loglog.png", "scores_roc.png", "occurrence_heatmap.png"]
+    csvs = ["rates_by_n.csv", "tau_sweep.csv", "roc.csv", "occurrence_tpr.csv", "scores.csv", "scores_roc.csv",
+            "person_scores.csv"]
     for name in pngs:
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 2000, name
@@ -600,3 +601,46 @@ def test_refuses_to_replace_a_folder_that_is_not_an_evaluation(hand_report, tmp_
     (precious / "thesis.tex").write_text("keep me", encoding="utf-8")
     one_line_error(ArtifactExistsError, evaluate_report, report, labels, EvalConfig(draws=1, out_dir=precious))
     assert (precious / "thesis.tex").read_text(encoding="utf-8") == "keep me"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Intervals over people and the scores beside paper mode
+# ----------------------------------------------------------------------------------------------------
+
+def test_full_report_rates_carry_clopper_pearson_intervals(hand_metrics):
+    from scipy import stats
+    intervals = hand_metrics["full"]["intervals"]
+    for key, (k, n) in {"TPR": (2, 2), "FPR": (1, 2), "TNR": (1, 2), "accuracy": (3, 4)}.items():
+        ci = stats.binomtest(k, n).proportion_ci(0.95, method="exact")
+        assert (intervals[key]["k"], intervals[key]["n"]) == (k, n)
+        assert intervals[key]["low"] == approx(ci.low) and intervals[key]["high"] == approx(ci.high)
+    row = by_n(hand_metrics, 3)  # every draw is all images: the interval is that of the counts
+    assert row["intervals"]["FPR"]["n"] == 1 and row["intervals"]["FPR"]["low"] == approx(0.025)
+    assert any("1 of 2 non-members: FPR = 50 %" in note for note in hand_metrics["notes"])
+    assert any("is not estimable from 2 non-members" in note for note in hand_metrics["notes"])
+
+
+def test_scores_side_by_side(hand_metrics):
+    scores = hand_metrics["scores"]
+    assert list(scores["full"]) == ["paper", "vote_share", "margin", "calibrated"]
+    assert all("not the paper's" in scores["definitions"][s] for s in ("vote_share", "margin", "calibrated"))
+    paper = scores["full"]["paper"]
+    assert paper["AUC"]["value"] == approx(0.875) and paper["AUC"]["low"] <= 0.875 <= paper["AUC"]["high"]
+    assert paper["TPR_at_FPR"]["0"]["value"] == approx(0.5)
+    # vote shares: Anna 6/9, Bob 3/9 | Carl 2/9, Dora 0/6: members above non-members, AUC 1
+    assert scores["full"]["vote_share"]["AUC"]["value"] == approx(1.0)
+    assert scores["headline"]["n"] == 3 and scores["headline"]["paper"]["AUC"]["mean"] == approx(0.75)
+    assert scores["best_at_lowest_fpr"]["FPR"] == 0.5  # 2 non-members resolve no low target
+
+
+def test_person_scores_file(hand_report):
+    report, labels = hand_report
+    evaluate_report(report, labels, SMALL)
+    rows = {r["name"]: r for r in read_csv(report / "evaluation" / "person_scores.csv")}
+    assert set(rows) == {"Anna", "Bob", "Carl", "Dora"}
+    assert rows["Anna"]["paper"] == "2" and float(rows["Anna"]["vote_share"]) == pytest.approx(6 / 9, abs=1e-8)
+    assert rows["Dora"]["member"] == "0" and float(rows["Dora"]["vote_share"]) == 0
+    # Carl's name (id 2) is top-1 for Anna's a2/t2 and Bob's b1/t0 among the 8 other people's 24 pairs
+    assert float(rows["Carl"]["reference_share"]) == pytest.approx(2 / 24, abs=1e-8)
+    page = (report / "evaluation" / "report.html").read_text(encoding="utf-8")
+    assert "Scores side by side" in page and "Clopper-Pearson" in page

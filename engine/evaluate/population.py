@@ -45,6 +45,8 @@ class Population:
     true_ids: np.ndarray  # int64 [L]: candidate id of the true name, NOT_A_CANDIDATE if not a candidate
     top1: np.ndarray  # int64 [M, T]: predicted candidate id per image and template
     person_of_image: np.ndarray  # int64 [M]: 0..L-1
+    topk_ids: np.ndarray  # int32 [M, T, k]: the report's candidates per image and template, best first
+    topk_scores: np.ndarray  # float32 [M, T, k]: their cosines (the continuous scores read them)
 
     @property
     def n_templates(self) -> int:
@@ -136,7 +138,12 @@ def build_population(preds: Predictions, labels: LabelTable, summary: dict,
     local = {name: i for i, name in enumerate(labelled)}
     rows = np.array([i for i, name in enumerate(image_names) if name in local], np.int64)
     person_of_image = np.array([local[image_names[i]] for i in rows], np.int64)
-    top1 = np.asarray(preds.topk_ids[:, :, 0], dtype=np.int64)[rows]
+    topk_ids = np.asarray(preds.topk_ids[rows])
+    topk_scores = np.asarray(preds.topk_scores[rows])
+    if topk_scores.shape != topk_ids.shape:
+        raise ArtifactError(f"report predictions disagree: topk_scores.npy has shape {preds.topk_scores.shape}, "
+                            f"topk_ids.npy {preds.topk_ids.shape}; run `query` again")
+    top1 = topk_ids[:, :, 0].astype(np.int64)
 
     true_ids = np.full(len(labelled), NOT_A_CANDIDATE, np.int64)
     for cand_id, cand in enumerate(preds.candidates):
@@ -156,7 +163,7 @@ def build_population(preds: Predictions, labels: LabelTable, summary: dict,
         "members_without_occurrences": ([p for p, m, o in zip(labelled, members, occurrences) if m and o < 0]
                                         if labels.has_occurrences_column else []),
     }
-    return (Population(labelled, members, occurrences, true_ids, top1, person_of_image),
+    return (Population(labelled, members, occurrences, true_ids, top1, person_of_image, topk_ids, topk_scores),
             Coverage(len(persons), len(without_images), left_out))
 
 

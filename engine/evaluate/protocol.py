@@ -26,11 +26,16 @@ labels (file, source, has_occurrences); counts and left_out (who is not evaluate
 headline (the n = 30 row of by_n plus n_requested, tau_sweep and roc, each number {"mean", "std"});
 full (the same numbers as single values, from all images); by_n (one row per n: persons, members,
 non_members, left_out*, draws, TP..TN, TPR, FNR, FPR, TNR, accuracy, AUC, TPR_at_FPR {"0.01", "0.001",
-"0"}); occurrences (binning, bins, by_n, full; null without an occurrences column); files.
+"0"}, intervals {rate: {low, high, k, n}}: Clopper-Pearson over people at the mean count); occurrences
+(binning, bins, by_n, full; null without an occurrences column); scores (paper mode beside the continuous
+scores, which are not the paper's: see score_table.py); files. `full` also has intervals (at its counts),
+and `notes` say in words what the population can show (e.g. "0 of 100 non-members: FPR <= 3.6 % at 95 %").
+Beside metrics.json, person_scores.csv holds every score of every evaluated person.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -47,6 +52,7 @@ from ..query.report import (
     SUMMARY,
 )
 from ..query.votes import check_tau
+from .intervals import BOOTSTRAP_RESAMPLES, CONFIDENCE, low_fpr_sentences, rate_sentence
 from .population import (
     LEFT_OUT_REASONS,
     ImageDraws,
@@ -58,6 +64,7 @@ from .population import (
     resolve_labels_path,
 )
 from .render import write_evaluation_files
+from .score_table import PERSON_SCORE_HEADER, person_score_rows, scores_section
 from .statistics import (
     OccurrenceBins,
     ScoreStats,
@@ -78,6 +85,7 @@ EVAL_SCHEMA_VERSION = 1
 EVAL_ARTIFACT = "idia-engine evaluation"
 DEFAULT_EVAL_DIR = "evaluation"
 METRICS_FILE = "metrics.json"
+PERSON_SCORES_CSV = "person_scores.csv"
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ class EvalConfig:
     headline_n: int = 30  # n of the headline numbers; the largest n of the sweep with people if nobody has it
     low_fpr_targets: tuple[float, ...] = (0.01, 0.001, 0.0)  # report the best TPR at FPR <= each
     max_occurrence_bins: int = 12  # one bin per distinct occurrence count up to this many, else quantile bins
+    confidence: float = CONFIDENCE  # of every interval: Clopper-Pearson for rates, the bootstrap for AUC, TPR@FPR
+    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES  # resamples of persons per bootstrapped number (seeded by seed)
     out_dir: Path | None = None  # the evaluation folder; None = <report_dir>/evaluation
 
     def __post_init__(self) -> None:
@@ -102,10 +112,13 @@ class EvalConfig:
         if bad:
             raise InputError(f"n (images per person) must be whole numbers >= 1, got {bad[0]!r}")
         checks = [("draws", self.draws, 1), ("headline n", self.headline_n, 1), ("seed", self.seed, 0),
-                  ("max occurrence bins", self.max_occurrence_bins, 1)]
+                  ("max occurrence bins", self.max_occurrence_bins, 1),
+                  ("bootstrap resamples", self.bootstrap_resamples, 100)]
         for what, value, low in checks:
             if value < low:
                 raise InputError(f"{what} must be >= {low}, got {value}")
+        if not 0.5 <= self.confidence < 1:
+            raise InputError(f"confidence must be in [0.5, 1), e.g. 0.95, got {self.confidence!r}")
         for target in self.low_fpr_targets:
             if not 0 <= target < 1:
                 raise InputError(f"low-FPR target {target!r} must be in [0, 1)")
@@ -157,7 +170,21 @@ def _notes(by_n: list[dict], left_out: dict[str, list[str]], headline_note: str 
     if tiny:
         notes.append(f"with {non_members} non-members the smallest non-zero FPR is {1 / non_members:.3g}, so TPR at "
                      f"FPR <= {', '.join(fpr_key(x) for x in tiny)} equals TPR at FPR = 0")
+    notes += population_sentences(full, config)
     return notes
+
+
+def population_sentences(full: dict, config: EvalConfig) -> list[str]:
+    """What the full report's people can show, in words: TPR and FPR at tau with their intervals, and each
+    low-FPR target the non-members are too few to back."""
+    out = []
+    if full["members"]:
+        out.append(f"at tau = {config.tau}: " + rate_sentence("TPR", full["TP"], full["members"], "members",
+                                                              config.confidence))
+    if full["non_members"]:
+        out.append(f"at tau = {config.tau}: " + rate_sentence("FPR", full["FP"], full["non_members"], "non-members",
+                                                              config.confidence))
+    return out + low_fpr_sentences(full["non_members"], config.low_fpr_targets, config.confidence)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -235,6 +262,12 @@ def compute_evaluation(report_dir: Path, labels_path: Path | None = None, config
 
     labels_path: CSV name,member[,occurrences]; None = the labels file recorded in the report's summary.json.
     """
+    return _evaluate(report_dir, labels_path, config, progress)[0]
+
+
+def _evaluate(report_dir: Path, labels_path: Path | None, config: EvalConfig,
+              progress: Progress) -> tuple[dict, list[list]]:
+    """(metrics, one row of every score per evaluated person)."""
     report_dir = Path(report_dir)
     n_values = config.sorted_n_values
     summary, preds = open_report(report_dir)
@@ -260,10 +293,11 @@ def compute_evaluation(report_dir: Path, labels_path: Path | None = None, config
         counts, stats = per_n[headline_n]
         headline = {**summarise_draws(headline_n, stats, counts, config), "n_requested": config.headline_n,
                     **curves_of_draws(stats, n_templates)}
+    scores = scores_section(pop, headline_n, config)
     notes = _notes(by_n, coverage.left_out, headline_note, full, config)
     for note in notes:
         log.warning("%s", note)
-    return {
+    metrics = {
         "schema_version": EVAL_SCHEMA_VERSION,
         "artifact": EVAL_ARTIFACT,
         "created_at": utc_now(),
@@ -290,8 +324,10 @@ def compute_evaluation(report_dir: Path, labels_path: Path | None = None, config
         "by_n": by_n,
         "occurrences": (_occurrence_section(bins, bin_of, pop, per_n, n_values, full_stats)
                         if bins is not None else None),
+        "scores": scores,
         "library_versions": library_versions(),
     }
+    return metrics, person_score_rows(pop)
 
 
 def evaluate_report(report_dir: Path, labels_path: Path | None = None, config: EvalConfig = EvalConfig(),
@@ -305,16 +341,27 @@ def evaluate_report(report_dir: Path, labels_path: Path | None = None, config: E
     report_dir = Path(report_dir)
     out_dir = eval_out_dir(report_dir, config)
     _check_out_dir(out_dir)
-    metrics = compute_evaluation(report_dir, labels_path, config, progress)
+    metrics, person_rows = _evaluate(report_dir, labels_path, config, progress)
     with staged_directory(out_dir, replace_existing=True) as tmp:
         progress("write evaluation", 0, 1)
         metrics["files"] = write_evaluation_files(tmp, metrics)
+        write_person_scores(tmp / PERSON_SCORES_CSV, person_rows)
+        metrics["files"][PERSON_SCORES_CSV] = ("one row per evaluated person: member, n_images, the paper score "
+                                               "and the continuous scores (not the paper's) from all images")
         metrics["files"][METRICS_FILE] = "every number of the evaluation, its configuration and counts"
         write_json_atomic(tmp / METRICS_FILE, metrics)
         progress("write evaluation", 1, 1)
     files = [out_dir / name for name in metrics["files"]]
     _record_in_summary(report_dir, out_dir, files, metrics["created_at"])
     return EvalResult(out_dir, metrics, files)
+
+
+def write_person_scores(path: Path, rows: list[list]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(PERSON_SCORE_HEADER)
+        w.writerows([["" if x is None else (f"{x:.9g}" if isinstance(x, float) else x) for x in row]
+                     for row in rows])
 
 
 def _report_created_at(report_dir: Path, summary: dict) -> str | None:

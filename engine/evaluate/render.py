@@ -10,10 +10,14 @@ through `matplotlib.figure.Figure` (no pyplot, no global state, no display neede
       tau_sweep.csv            # per curve (headline n, full report) and tau 1..T: TPR, FPR, accuracy
       roc.csv                  # per curve and threshold T+1..0: FPR, TPR (the headline curve averaged per threshold)
       occurrence_tpr.csv       # members' TPR per occurrence bin and n (only with an occurrences column)
+      scores.csv               # every score side by side: AUC and TPR at low FPR with bootstrap intervals
+      scores_roc.csv           # ROC points of every score over the full report
+      person_scores.csv        # per person: every score (written by protocol.py, not from metrics.json)
+      scores_roc.png           # ROC of every score, linear and log-log
       rates_by_n.png           # TPR, FPR, accuracy vs n, with +- std bands
       roc.png, roc_loglog.png  # ROC on linear axes and on log-log axes (the LiRA convention)
       occurrence_heatmap.png   # TPR over (n images) x (occurrence bin) (only with occurrences)
-      report.html              # headline numbers, the per-n table and the plots (embedded as base64)
+      report.html              # headline numbers with intervals, scores side by side, the per-n table, plots
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ ROC_PNG = "roc.png"
 ROC_LOGLOG_PNG = "roc_loglog.png"
 HEATMAP_PNG = "occurrence_heatmap.png"
 REPORT_HTML = "report.html"
+SCORES_CSV = "scores.csv"
+SCORES_ROC_CSV = "scores_roc.csv"
+SCORES_ROC_PNG = "scores_roc.png"
 
 _NUMBER_KEYS = ("TP", "FN", "FP", "TN", "TPR", "FNR", "FPR", "TNR", "accuracy", "AUC")
 _FULL_CURVE = "full report"
@@ -56,8 +63,15 @@ def write_evaluation_files(folder: Path, metrics: dict) -> dict[str, str]:
     _write_rates_by_n(folder / RATES_BY_N_CSV, metrics)
     _write_tau_sweep(folder / TAU_SWEEP_CSV, metrics)
     _write_roc(folder / ROC_CSV, metrics)
+    _write_scores(folder / SCORES_CSV, metrics)
+    _write_scores_roc(folder / SCORES_ROC_CSV, metrics)
+    files[SCORES_CSV] = ("every score side by side (paper mode and the continuous scores, which are not the "
+                         "paper's): AUC and TPR at low FPR over the full report with bootstrap intervals over "
+                         "persons, and mean +- std over draws at the headline n")
+    files[SCORES_ROC_CSV] = "ROC points (threshold, FPR, TPR) of every score over the full report"
     images = {RATES_PNG: _plot_rates_by_n(metrics), ROC_PNG: _plot_roc(metrics),
-              ROC_LOGLOG_PNG: _plot_roc_loglog(metrics)}
+              ROC_LOGLOG_PNG: _plot_roc_loglog(metrics), SCORES_ROC_PNG: _plot_scores_roc(metrics)}
+    files[SCORES_ROC_PNG] = "ROC of every score over the full report, linear and log-log axes"
     files[RATES_PNG] = "TPR, FPR and accuracy vs n images per person, mean +- std over draws"
     files[ROC_PNG] = "ROC curves of the score (linear axes)"
     files[ROC_LOGLOG_PNG] = "ROC curves of the score on log-log axes (zeros drawn at the axis floor)"
@@ -88,18 +102,53 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         w.writerows([[_cell(x) for x in row] for row in rows])
 
 
+_RATE_KEYS = ("TPR", "FNR", "FPR", "TNR", "accuracy")
+
+
+def _interval_cells(intervals: dict, key: str) -> list:
+    entry = intervals.get(key)
+    return [None, None] if entry is None else [entry["low"], entry["high"]]
+
+
 def _write_rates_by_n(path: Path, metrics: dict) -> None:
     targets = list(metrics["by_n"][0]["TPR_at_FPR"]) if metrics["by_n"] else []
     header = ["n", "persons", "members", "non_members", "left_out", "draws"]
     header += [f"{k}_{s}" for k in _NUMBER_KEYS for s in ("mean", "std")]
     header += [f"TPR_at_FPR_{t}_{s}" for t in targets for s in ("mean", "std")]
+    header += [f"{k}_{s}" for k in _RATE_KEYS for s in ("ci_low", "ci_high")]
     rows = []
     for e in metrics["by_n"]:
         row = [e["n"], e["persons"], e["members"], e["non_members"], e["left_out"], e["draws"]]
         row += [e[k][s] for k in _NUMBER_KEYS for s in ("mean", "std")]
         row += [e["TPR_at_FPR"][t][s] for t in targets for s in ("mean", "std")]
+        row += [x for k in _RATE_KEYS for x in _interval_cells(e["intervals"], k)]
         rows.append(row)
     _write_csv(path, header, rows)
+
+
+def _write_scores(path: Path, metrics: dict) -> None:
+    section = metrics["scores"]
+    targets = list(metrics["config"]["low_fpr_targets"])
+    keys = [f"{t:g}" for t in targets]
+    header = ["score", "definition", "AUC", "AUC_ci_low", "AUC_ci_high"]
+    header += [f"TPR_at_FPR_{k}{s}" for k in keys for s in ("", "_ci_low", "_ci_high")]
+    headline = section.get("headline")
+    if headline:
+        header += ["headline_n", "headline_AUC_mean", "headline_AUC_std"]
+    rows = []
+    for name, full in section["full"].items():
+        row = [name, section["definitions"][name], full["AUC"]["value"], full["AUC"]["low"], full["AUC"]["high"]]
+        row += [full["TPR_at_FPR"][k][x] for k in keys for x in ("value", "low", "high")]
+        if headline:
+            row += [headline["n"], headline[name]["AUC"]["mean"], headline[name]["AUC"]["std"]]
+        rows.append(row)
+    _write_csv(path, header, rows)
+
+
+def _write_scores_roc(path: Path, metrics: dict) -> None:
+    rows = [[name, p["threshold"], p["FPR"], p["TPR"]]
+            for name, full in metrics["scores"]["full"].items() for p in full["roc"]]
+    _write_csv(path, ["score", "threshold", "FPR", "TPR"], rows)
 
 
 def _curves(metrics: dict) -> list[tuple[str, dict, bool]]:
@@ -258,6 +307,46 @@ def _plot_roc_loglog(metrics: dict) -> bytes:
     return _png(fig)
 
 
+_SCORE_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:red")
+
+
+def _plot_scores_roc(metrics: dict) -> bytes:
+    """Every score's ROC over the full report: linear axes on the left, log-log (zeros at the floor) right."""
+    fig = Figure(figsize=(10.4, 5.0))
+    linear, loglog = fig.subplots(1, 2)
+    curves = []
+    for name, full in metrics["scores"]["full"].items():
+        points = [(p["FPR"], p["TPR"]) for p in full["roc"]]
+        if any(f is None or t is None for f, t in points):
+            continue
+        fpr, tpr = (np.array(v, float) for v in zip(*points))
+        auc = full["AUC"]
+        label = name if auc["value"] is None else f"{name}, AUC {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]"
+        curves.append((label, fpr, tpr))
+    positive = np.concatenate([np.r_[f, t] for _, f, t in curves]) if curves else np.zeros(0)
+    positive = positive[positive > 0]
+    floor = float(positive.min()) / 2 if len(positive) else 0.5
+    for (label, fpr, tpr), colour in zip(curves, _SCORE_COLOURS):
+        linear.step(fpr, tpr, where="post", color=colour, label=label)
+        loglog.plot(np.maximum(fpr, floor), np.maximum(tpr, floor), color=colour, drawstyle="steps-post")
+    linear.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    linear.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="FPR", ylabel="TPR",
+               title="every score, full report (brackets: 95 % bootstrap)")
+    loglog.plot([floor, 1], [floor, 1], color="grey", linestyle="--", linewidth=1)
+    loglog.set_xscale("log")
+    loglog.set_yscale("log")
+    loglog.set(xlim=(floor / 1.5, 1.1), ylim=(floor / 1.5, 1.1), xlabel=f"FPR (0 drawn at {floor:.2g})",
+               ylabel=f"TPR (0 drawn at {floor:.2g})", title="log-log")
+    for ax in (linear, loglog):
+        ax.grid(alpha=0.3, which="both")
+    if curves:
+        linear.legend(loc="lower right", fontsize="x-small")
+    else:
+        linear.text(0.5, 0.5, "undefined: needs both members and non-members", ha="center", va="center",
+                    transform=linear.transAxes)
+    return _png(fig)
+
+
 def _plot_occurrence_heatmap(metrics: dict) -> bytes:
     occ = metrics["occurrences"]
     ns = [e["n"] for e in occ["by_n"]]
@@ -299,6 +388,65 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _with_interval(value, entry: dict | None) -> str:
+    """'0.500 [0.013, 0.987]' (the interval over people), or the bare value when there is none."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    if entry is None or entry.get("low") is None:
+        return text
+    return f"{text} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def _interval_table(metrics: dict) -> str:
+    """The full report's rates at tau, each with its Clopper-Pearson interval over people."""
+    f = metrics["full"]
+    level = f"{100 * metrics['config']['confidence']:g} %"
+    rows = []
+    for key in _RATE_KEYS:
+        entry = f["intervals"].get(key)
+        count = "" if entry is None else f"{entry['k']} of {entry['n']}"
+        rows.append([key, count, _with_interval(f[key], entry)])
+    return _table(["rate (full report, tau = " + str(metrics["config"]["tau"]) + ")", "people",
+                   f"value [{level} Clopper-Pearson]"], rows)
+
+
+def _scores_table(metrics: dict) -> str:
+    section = metrics["scores"]
+    keys = [f"{t:g}" for t in metrics["config"]["low_fpr_targets"]]
+    headline = section.get("headline")
+    header = ["score", "AUC [95 % bootstrap]"] + [f"TPR at FPR ≤ {k}" for k in keys]
+    if headline:
+        header.append(f"AUC at n = {headline['n']} (mean ± std over draws)")
+    rows = []
+    for name, full in section["full"].items():
+        row = [name, _with_interval(full["AUC"]["value"], full["AUC"])]
+        row += [_with_interval(full["TPR_at_FPR"][k]["value"], full["TPR_at_FPR"][k]) for k in keys]
+        if headline:
+            row.append(_format(headline[name]["AUC"]))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _scores_paragraph(metrics: dict) -> str:
+    section = metrics["scores"]
+    items = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>"
+                    for name, text in section["definitions"].items())
+    best = section.get("best_at_lowest_fpr")
+    verdict = ""
+    if best:
+        tprs = ", ".join(f"{k} {_format_value(v)}" for k, v in best["TPR"].items())
+        verdict = (f"<p>At FPR ≤ {best['FPR']:.3g} (the lowest this population can estimate), TPR: "
+                   f"{html.escape(tprs)}. " + (f"{html.escape(best['best'])} beats paper mode there."
+                                                if best["beats_paper"] else "No continuous score beats paper mode "
+                                                "there.") + "</p>")
+    censored = section["censoring"]["margin_pairs_censored"]
+    censoring = ("" if censored is None else
+                 f"<p class=\"muted\">margin: {100 * censored:.1f} % of (photo, template) pairs have the true name "
+                 f"outside the top-{section['censoring']['top_k']}; there the margin is an upper bound.</p>")
+    return f"<ul>{items}</ul>{verdict}{censoring}<p class=\"muted\">{html.escape(section['interval']['method'])}</p>"
 
 
 def _headline_table(metrics: dict) -> str:
@@ -358,7 +506,8 @@ def render_html(metrics: dict, images: dict[str, bytes]) -> str:
         (f"<p>Decision: member iff score &ge; tau = {cfg['tau']} (score = templates whose unique plurality over "
          f"a person's n images is the true name; higher = more likely a member). {cfg['draws']} draws per n, "
          f"seed {cfg['seed']}; std is the population std over draws.</p>"),
-        "<h2>Headline</h2>", _headline_table(metrics),
+        "<h2>Headline</h2>", _headline_table(metrics), _interval_table(metrics),
+        "<h2>Scores side by side</h2>", _scores_table(metrics), _scores_paragraph(metrics),
     ]
     if notes:
         parts += ["<h2>Notes</h2>", f"<ul>{notes}</ul>"]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..query.metrics import rate_or_nan
+from .intervals import clopper_pearson
 
 if TYPE_CHECKING:
     from .protocol import EvalConfig
@@ -157,13 +158,31 @@ def fpr_key(target: float) -> str:
     return f"{target:g}"
 
 
+def rate_intervals(counts: dict[str, float], confidence: float) -> dict[str, dict | None]:
+    """Clopper-Pearson interval of every rate over the people it counts: {rate: {"low", "high", "k", "n"}}
+    (None when its denominator is 0). Counts may be means over draws: the interval is then taken at the
+    mean count (beta quantiles are continuous in k), over the same people."""
+    tp, fn, fp, tn = (counts[k] for k in COUNT_KEYS)
+    parts = {"TPR": (tp, tp + fn), "FNR": (fn, tp + fn), "FPR": (fp, fp + tn), "TNR": (tn, fp + tn),
+             "accuracy": (tp + tn, tp + fn + fp + tn)}
+    out = {}
+    for key, (k, n) in parts.items():
+        n = int(round(n))
+        interval = clopper_pearson(min(max(k, 0.0), n), n, confidence) if n else None
+        out[key] = None if interval is None else {"low": interval.low, "high": interval.high, "k": k, "n": n}
+    return out
+
+
 def summarise_draws(n: int, stats: list[ScoreStats], counts: dict, config: EvalConfig) -> dict:
-    """One row of the per-n table: counts of people, then mean +- std over draws of every number."""
+    """One row of the per-n table: counts of people, then mean +- std over draws of every number, and the
+    interval over people of each rate at its mean count."""
     entry = {"n": n, **counts, "draws": len(stats)}
     for key in COUNT_KEYS:
         entry[key] = mean_std([s.counts[key] for s in stats])
     for key in RATE_KEYS:
         entry[key] = mean_std([s.rates[key] for s in stats])
+    entry["intervals"] = (rate_intervals({k: entry[k]["mean"] for k in COUNT_KEYS}, config.confidence)
+                          if stats else {k: None for k in RATE_KEYS})
     entry["AUC"] = mean_std([s.auc for s in stats])
     entry["TPR_at_FPR"] = {fpr_key(x): mean_std([s.tpr_at_fpr[i] for s in stats])
                            for i, x in enumerate(config.low_fpr_targets)}
@@ -191,6 +210,7 @@ def summarise_full(stats: ScoreStats, counts: dict, images: np.ndarray, n_templa
                               "max": int(images.max())},
         **stats.counts,
         **{k: json_number(v) for k, v in stats.rates.items()},
+        "intervals": rate_intervals(stats.counts, config.confidence),
         "AUC": json_number(stats.auc),
         "TPR_at_FPR": {fpr_key(x): json_number(v) for x, v in zip(config.low_fpr_targets, stats.tpr_at_fpr)},
         "tau_sweep": [{"tau": t, "TPR": json_number(stats.tpr[t]), "FPR": json_number(stats.fpr[t]),
