@@ -18,6 +18,7 @@ import typer
 from idia_engine.engine.errors import IdiaError
 from idia_engine.engine.model.load import DEFAULT_MODEL, DEFAULT_PRETRAINED, DeviceChoice, ModelSpec, Precision
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -181,7 +182,9 @@ def query_cmd(
     index_dir: Path = typer.Option(Path("idia-index"), "--index-dir", help="An index written by build-index."),
     out_dir: Path = typer.Option(Path("idia-report"), "--out", help="Report directory (an earlier report there is replaced)."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV with columns path,name instead of a faces folder."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,member (1/0, true/false, yes/no): adds metrics."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,member (1/0, true/false, yes/no), or "
+                                          "name,membership (member/non_member), or a report's persons.csv (its label, "
+                                          "else decision column): adds metrics."),
     store: Optional[Path] = typer.Option(None, "--store", help="LMDB image-embedding store. Default: <index-dir>/image-store."),
     top_k: int = typer.Option(10, "--top-k", help="Candidates kept per image and template."),
     tau: int = typer.Option(1, "--tau", help="Member iff score (templates won by the true name) >= tau."),
@@ -296,8 +299,9 @@ def _print_occurrence_table(metrics: dict) -> None:
 @app.command("evaluate")
 def evaluate_cmd(
     report_dir: Path = typer.Argument(..., help="A report directory written by query."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,member[,occurrences]. Default: the labels "
-                                          "file the query used."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,member[,occurrences] (or membership, or a "
+                                          "report's persons.csv; see query --labels). Default: the labels file the "
+                                          "query used."),
     n_values: Optional[str] = typer.Option(None, "--n", help="Images per person to sweep, comma-separated "
                                            "(default: the paper's 1,3,5,...,29,30)."),
     draws: int = typer.Option(20, "--draws", help="Seeded random draws of n images per person, per n."),
@@ -351,6 +355,51 @@ def _mean_std(stat: dict) -> str:
     if stat is None or stat.get("mean") is None:
         return "n/a"
     return f"{stat['mean']:.3f} +- {stat['std']:.3f}"
+
+
+@app.command("compare")
+def compare_cmd(
+    reports: list[Path] = typer.Argument(..., help="Two or more report directories written by query, of different "
+                                         "models over the same persons and photos; the first is the baseline."),
+    out_dir: Path = typer.Option(Path("idia-comparison"), "--out", help="Comparison folder (an earlier comparison "
+                                 "there is replaced)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Ground truth (any format --labels of query reads). "
+                                          "Default: the labels file every report used, if they used the same."),
+    overlap: bool = typer.Option(False, "--overlap", help="Compare the persons and photos all reports share (and "
+                                 "say what was left out) instead of refusing reports that differ."),
+    tau: Optional[int] = typer.Option(None, "--tau", help="Member iff score >= tau. Default: the reports' own tau."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap intervals."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Compare models over the same people: per-person score changes, flipped decisions, McNemar and Wilcoxon."""
+    from idia_engine.engine.compare.run import CompareConfig, compare_reports
+
+    _setup_logging(verbose)
+    with _errors_to_exit():
+        config = CompareConfig(out_dir=out_dir, labels_path=labels, overlap=overlap, tau=tau, seed=seed)
+        with _progress_bars(not quiet) as progress:
+            result = compare_reports(reports, config, progress)
+    print_comparison(result.comparison, result.out_dir)
+
+
+def print_comparison(comparison: dict, out_dir: Path) -> None:
+    """Each pair's flipped decisions and paired tests as a table, and where the comparison is."""
+    table = Table(title=f"{comparison['alignment']['persons']} persons, {comparison['alignment']['photos']} photos, "
+                        f"tau = {comparison['tau']}")
+    for col in ("pair", "member -> non-member", "non-member -> member", "McNemar p", "mean score change",
+                "Wilcoxon p"):
+        table.add_column(col, justify="right")
+    for pair in comparison["pairs"]:
+        d, s = pair["decisions"], pair["scores"]["paper"]
+        table.add_row(Text(f"{pair['other']} vs {pair['baseline']}"), str(d["member_to_non_member"]),
+                      str(d["non_member_to_member"]), f"{d['p_value']:.3g}", _fmt(s["mean_change"]),
+                      "n/a" if s["p_value"] is None else f"{s['p_value']:.3g}")
+    out.print(table)
+    for note in comparison.get("notes", []):
+        out.print(f"note: {note}", markup=False, highlight=False)  # notes hold names and paths: never markup
+    out.print(f"comparison: [bold]{escape(str(out_dir))}[/] (comparison.html, comparison.json, persons.csv, PNGs)",
+              highlight=False)
 
 
 @app.command("bench")

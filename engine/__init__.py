@@ -7,7 +7,8 @@ attack itself):
     model/        loading the model, encoding prompts and photos
     index/        build-index: every (template, name) prompt encoded into a name index on disk
     query/        query: photos -> embeddings (store) -> index search -> the vote -> the report
-    evaluate/     the paper's evaluation protocol over a report
+    evaluate/     the paper's evaluation protocol over a report, with intervals and continuous scores
+    compare/      reports of different models over the same people: changes and paired tests
     demo/         the offline demo: a synthetic world and a CLIP trained on it
     disk/         atomic writes, locks, fault points, text inputs, versions (used by every stage)
     errors.py     the exceptions (one base class); progress.py: the progress callback
@@ -23,6 +24,7 @@ _EXPORTS = {
     "BuildConfig": "index.build", "build_index": "index.build", "open_index": "index.reader",
     "QueryConfig": "query.run", "run_query": "query.run", "load_predictions": "query.report",
     "EvalConfig": "evaluate.protocol", "evaluate_report": "evaluate.protocol",
+    "CompareConfig": "compare.run", "compare_reports": "compare.run",
     "DemoConfig": "demo.run", "run_demo": "demo.run",
 }
 __all__ = sorted(_EXPORTS)

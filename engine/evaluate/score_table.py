@@ -35,14 +35,21 @@ def population_continuous(pop: Population) -> ContinuousScores:
     return continuous_scores(pop.topk_ids, pop.topk_scores, pop.person_of_image, pop.true_ids)
 
 
-def _value_with_interval(statistic, scores: np.ndarray, members: np.ndarray, config: EvalConfig) -> dict:
+def value_with_interval(statistic, scores: np.ndarray, members: np.ndarray, seed: int, resamples: int,
+                        confidence: float) -> dict:
+    """{"value", "low", "high"} of statistic(member scores, non-member scores) with its stratified bootstrap
+    interval over persons; all None when a class is empty."""
+    scores, members = np.asarray(scores, float), np.asarray(members, bool)
     if not members.any() or members.all():
         return {"value": None, "low": None, "high": None}
     value = float(statistic(scores[members], scores[~members]))
-    interval = stratified_bootstrap(statistic, scores[members], scores[~members], config.seed,
-                                    config.bootstrap_resamples, config.confidence)
+    interval = stratified_bootstrap(statistic, scores[members], scores[~members], seed, resamples, confidence)
     return {"value": json_number(value), "low": None if interval is None else interval.low,
             "high": None if interval is None else interval.high}
+
+
+def _value_with_interval(statistic, scores: np.ndarray, members: np.ndarray, config: EvalConfig) -> dict:
+    return value_with_interval(statistic, scores, members, config.seed, config.bootstrap_resamples, config.confidence)
 
 
 # The bootstrap calls a statistic on a batch of resamples at once (arrays [..., n], statistic over the last
