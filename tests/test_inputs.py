@@ -23,7 +23,9 @@ from idia_engine.engine.query.images import (
     collect_from_folder,
     hash_images,
 )
-from idia_engine.engine.query.labels import read_labels
+from idia_engine.engine.query.labels import read_label_table, read_labels
+from idia_engine.engine.query.report import write_persons
+from idia_engine.engine.query.votes import paper_mode_votes
 from PIL import Image
 
 
@@ -279,6 +281,87 @@ def test_read_labels_missing_file(tmp_path):
 def test_read_labels_control_character_in_name(tmp_path):
     f = write(tmp_path / "labels.csv", "name,member\nAnna,1\nBo\x07b,0\n")
     raises_input_error(read_labels, f, must_name=[f"{f}:3"])
+
+
+def test_read_labels_membership_column_of_the_paper_authors(tmp_path):
+    rows = ["A,member", "B,non_member", "C,MEMBER", "D,Non_Member", "E,non-member", "F, NON-MEMBER "]
+    f = write(tmp_path / "membership.csv", "name,membership\n" + "\n".join(rows) + "\n")
+    table = read_label_table(f)
+    assert table.members == {"A": True, "B": False, "C": True, "D": False, "E": False, "F": False}
+    assert table.source_column == "membership"
+
+
+@pytest.mark.parametrize("value", ["1", "yes", "nonmember", "non member", ""])
+def test_read_labels_bad_membership_value(tmp_path, value):
+    f = write(tmp_path / "membership.csv", f"name,membership\nAnna,member\nBob,{value}\n")
+    raises_input_error(read_labels, f, must_name=[f"{f}:3", repr(value), "'Bob'", "member", "non_member"])
+
+
+def _persons_csv(path: Path, labels: dict[str, bool] | None) -> Path:
+    """A persons.csv as `query` writes it: Anna hits (member), Bob misses, Carl has no photo."""
+    votes = paper_mode_votes(np.array([[0, 0], [0, 2], [0, 0]]), np.array([0, 0, 1]), np.array([0, 1, 2]))
+    write_persons(path, ["Anna", "Bob", "Carl"], votes, votes.decisions(1), labels, np.ones(3, bool))
+    return path
+
+
+def test_read_labels_from_the_decisions_of_a_persons_csv(tmp_path):
+    f = _persons_csv(tmp_path / "persons.csv", None)
+    assert "decision" in f.read_text().splitlines()[0] and "Carl,0,0,non-member" in f.read_text()
+    table = read_label_table(f)
+    # Carl, without photos, was never decided: not labelled non-member for want of a score.
+    assert table.members == {"Anna": True, "Bob": False} and table.source_column == "decision"
+    assert not table.has_occurrences_column
+
+
+def test_read_labels_from_a_persons_csv_prefers_its_labels(tmp_path):
+    # The labels the report was run with, not the attack's decisions; names they did not give stay unlabelled.
+    f = _persons_csv(tmp_path / "persons.csv", {"Anna": False, "Carl": True})
+    table = read_label_table(f)
+    assert table.members == {"Anna": False, "Carl": True} and table.source_column == "label"
+
+
+def test_read_labels_persons_csv_with_an_empty_label_column_uses_decisions(tmp_path):
+    f = _persons_csv(tmp_path / "persons.csv", {"Somebody Else": True})  # a label column, every cell empty
+    assert "label" in f.read_text().splitlines()[0].split(",")
+    assert read_label_table(f).source_column == "decision" and read_labels(f) == {"Anna": True, "Bob": False}
+
+
+@pytest.mark.parametrize("text,column", [
+    ("name,member,decision\nAnna,0,member\nBob,1,garbage\n", "member"),
+    ("name,decision,member\nAnna,member,0\nBob,garbage,1\n", "member"),
+    ("name,member,membership\nAnna,0,member\nBob,1,garbage\n", "member"),
+    ("name,membership,decision,label\nAnna,non_member,member,member\nBob,member,garbage,garbage\n", "membership"),
+    ("name,decision,label\nAnna,member,non-member\nBob,garbage,member\n", "label"),
+    ("name,decision,label\nAnna,non-member,\nBob,member,\n", "decision"),
+])
+def test_read_labels_exactly_one_column_by_precedence(tmp_path, text, column):
+    # Anna is a non-member and Bob a member by the winning column; the losing columns are not even parsed.
+    table = read_label_table(write(tmp_path / "labels.csv", text))
+    assert table.source_column == column and table.members == {"Anna": False, "Bob": True}
+
+
+@pytest.mark.parametrize("text,column,value", [
+    ("name,n_images,decision\nAnna,4,member\nBob,4,maybe\n", "decision", "maybe"),
+    ("name,n_images,decision\nAnna,4,member\nBob,4,1\n", "decision", "1"),
+    ("name,n_images,decision,label\nAnna,4,member,member\nBob,4,member,yes\n", "label", "yes"),
+])
+def test_read_labels_bad_persons_csv_value(tmp_path, text, column, value):
+    f = write(tmp_path / "persons.csv", text)
+    raises_input_error(read_labels, f, must_name=[f"{f}:3", column, repr(value), "'Bob'", "non-member"])
+
+
+def test_read_labels_persons_csv_that_labels_nobody(tmp_path):
+    f = write(tmp_path / "persons.csv", "name,n_images,score,decision\nAnna,0,0,non-member\n")
+    raises_input_error(read_labels, f, must_name=[str(f), "n_images 0"])
+
+
+def test_read_labels_without_any_membership_column_names_the_accepted_ones(tmp_path):
+    f = write(tmp_path / "labels.csv", "name,is_member\nAnna,1\n")
+    message = raises_input_error(read_labels, f, must_name=[str(f), "'member'", "'membership'", "'decision'"])
+    assert "found name,is_member" in message
+    # `label` alone is not enough: only persons.csv's label, beside its decision, is read.
+    f = write(tmp_path / "labels.csv", "name,label\nAnna,member\n")
+    raises_input_error(read_labels, f, must_name=[str(f), "'membership'"])
 
 
 # ----------------------------------------------------------------------------------------------------

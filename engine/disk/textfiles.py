@@ -28,18 +28,27 @@ def read_input_bytes(path: Path, what: str) -> bytes:
         raise InputError(f"{what} {path} cannot be read ({e.strerror or e}); give a readable file") from None
 
 
-def iter_csv_rows(path: Path, required: tuple[str, ...], what: str) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yield (line number in the file, row) of a UTF-8 CSV whose header holds the `required` columns.
+def iter_csv_rows(path: Path, required: tuple[str, ...], what: str,
+                  one_of: tuple[str, ...] = ()) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield (line number in the file, row) of a UTF-8 CSV whose header holds the `required` columns and,
+    when `one_of` is given, at least one of those alternatives (which of them the caller reads is its
+    choice: every row holds a key for every header column).
 
     Header names are stripped of surrounding spaces. The line number is the file's real line (the csv
     module skips blank lines, so counting rows would drift).
     """
     reader = csv.DictReader(io.StringIO(decode_utf8(read_input_bytes(path, what), path, what), newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
+    found = ",".join(header) or "none"
     missing = [c for c in required if c not in header]
     if missing:
-        raise InputError(f"{what} {path} has no column {missing[0]!r}; expected header {','.join(required)} "
-                         f"(found {','.join(header) or 'none'})")
+        expected = ",".join(required) + (f",<one of {'/'.join(one_of)}>" if one_of else "")
+        raise InputError(f"{what} {path} has no column {missing[0]!r}; expected header {expected} (found {found})")
+    if one_of and not any(c in header for c in one_of):
+        quoted = [repr(c) for c in one_of]
+        alternatives = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+        raise InputError(f"{what} {path} has no column {alternatives}; expected header {','.join(required)} "
+                         f"plus one of {', '.join(one_of)} (found {found})")
     reader.fieldnames = header
     for row in reader:
         yield reader.line_num, row
