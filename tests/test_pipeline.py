@@ -118,7 +118,8 @@ def test_second_query_is_a_cache_hit_with_identical_output(tmp_path, world, tiny
     assert s1["images_encoded"] == 20 and s2["images_encoded"] == 0
     assert s2["images_from_cache"] == 20
     for f in ("persons.csv", "modes.csv", "predictions/topk_ids.npy", "predictions/topk_scores.npy",
-              "predictions/images.csv", "predictions/candidates.txt"):
+              "predictions/images.csv", "predictions/candidates.txt", "predictions/topk.csv",
+              "predictions/topk.parquet"):
         assert (tmp_path / "r1" / f).read_bytes() == (tmp_path / "r2" / f).read_bytes(), f
     sum1, sum2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("r1", "r2"))
     assert sum1["parameters"].pop("workers") == 2 and sum2["parameters"].pop("workers") == 0

@@ -11,20 +11,26 @@
         top1_status.npy          # int8 [M, T]: how each top-1 was obtained (exact, or settled by witnesses)
         images.csv               # row,name,path,sha256: the M images, in row order
         candidates.txt           # candidate id -> name, one per line (index names, then added names)
+        topk.csv                 # the same top-k as a table: one row per (photo, template, rank)
+        topk.parquet             # that table in Parquet (same rows, typed columns)
 
 The whole directory is staged under a temporary name and swapped in at the end, so a reader never sees
 a half-written report. Everything but run.json is byte-identical for the same inputs and arguments, also
-when an earlier run of it was killed halfway.
+when an earlier run of it was killed halfway (topk.parquet too: Parquet records no timestamps, and its row
+groups are cut at a fixed number of photos).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..disk.atomic import write_json_atomic
 from ..disk.versions import library_versions
@@ -37,13 +43,25 @@ SUMMARY = "summary.json"
 RUN = "run.json"
 PREDICTIONS = "predictions"
 TOP1_STATUS = "top1_status.npy"
+TOPK_CSV = "topk.csv"
+TOPK_PARQUET = "topk.parquet"
+# Columns of topk.csv / topk.parquet, in order, with their Parquet types; one row per (photo, template, rank),
+# photos in images.csv order, then templates, then ranks: row r is topk_ids.npy's element r in C order.
+TOPK_SCHEMA = pa.schema([("photo", pa.string()), ("person", pa.string()), ("template", pa.int32()),
+                         ("template_text", pa.string()), ("rank", pa.int32()), ("name", pa.string()),
+                         ("cosine", pa.float32()), ("status", pa.int8())])
+TOPK_COLUMNS = tuple(TOPK_SCHEMA.names)
+# Table rows built at once (the photos per chunk follow from templates x k). A constant, so that Parquet's
+# row groups, and with them the file's bytes, depend on the inputs alone.
+TOPK_CHUNK_ROWS = 1 << 16
 
 FILE_DESCRIPTIONS = {
     "summary.json": "parameters, counts, skipped files and (with labels) metrics; identical for identical inputs",
     "run.json": "this run only: created_at, timings per stage, images encoded now / found in the store",
     "persons.csv": "one row per person: name, n_images, score (0..T templates whose unique plurality is the "
                    "true name; higher = more likely a member), decision, label, in_index, true_votes, "
-                   "tied_templates, hits (one 0/1 per template)",
+                   "tied_templates, hits (one 0/1 per template, in template order, separated by spaces: "
+                   "'0 1 0 ...')",
     "modes.csv": "one row per person and template: name, template, mode (the unique most frequent predicted "
                  "name, empty on a tie), mode_votes, true_votes, hit, votes_exact (1: every photo's top-1 in the "
                  "cell is exact, so are mode, mode_votes and true_votes; 0: the cell was settled by witnesses, hit "
@@ -56,6 +74,13 @@ FILE_DESCRIPTIONS = {
                                    "(top-1 not proved), 5 approximate (not certified, --no-fallback)",
     "predictions/images.csv": "row,name,path,sha256 of the images in row order",
     "predictions/candidates.txt": "candidate names, line i = id i (index names first, then names added for this run)",
+    "predictions/topk.csv": "the top-k as a table, one row per (photo, template, rank) in the order of "
+                            "topk_ids.npy's elements: photo (path as in images.csv), person, template (index, "
+                            "as in modes.csv), template_text, rank (1 = best), name, cosine (the float32 of "
+                            "topk_scores.npy, written to round-trip), status (top1_status.npy's code on rank 1, "
+                            "empty on the other ranks)",
+    "predictions/topk.parquet": "the rows and columns of topk.csv, typed: strings; template and rank int32, "
+                                "cosine float32, status int8 (null below rank 1)",
 }
 
 
@@ -92,8 +117,21 @@ def write_persons(path: Path, persons: list[str], votes: PaperModeVotes, decisio
             if labels is not None:
                 row.append("" if name not in labels else ("member" if labels[name] else "non-member"))
             row += ["yes" if in_index[p] else "no", int(votes.true_votes[p].sum()), int(tied[p]),
-                    "".join("1" if h else "0" for h in votes.hits[p])]
+                    hits_cell(votes.hits[p])]
             w.writerow(row)
+
+
+def hits_cell(hits: np.ndarray) -> str:
+    """persons.csv's `hits`: one 0/1 per template, in template order, separated by spaces ("0 1 0 0 ...").
+
+    Not a bare run of digits ("0100..."), which a spreadsheet takes for a number and strips of its leading
+    zeros; nor template numbers joined by ";" ("2;5"), which spreadsheets whose locale lists with ";" split
+    into cells, and whose single hit ("5") still reads as a number. Digits with spaces between them are a
+    number in no locale (no thousands grouping has one-digit groups), keep position t = template t (as in
+    modes.csv), and `cell.split()` reads them back. (With a single template the cell is "0" or "1": a
+    number, but one that loses nothing.)
+    """
+    return " ".join("1" if h else "0" for h in hits)
 
 
 def write_modes(path: Path, persons: list[str], votes: PaperModeVotes, candidates: list[str],
@@ -114,6 +152,92 @@ def write_images_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
         w.writerow(["row", "name", "path", "sha256"])
         for i, (name, p, sha) in enumerate(rows):
             w.writerow([i, name, p, sha])
+
+
+def write_topk_tables(pred_dir: Path, images: list[tuple[str, str]], candidates: list[str],
+                      templates: list[str]) -> None:
+    """predictions/topk.csv and topk.parquet from the topk_ids/topk_scores/top1_status.npy already in
+    `pred_dir` (read memory-mapped); `images` = (person, path) per image row, as in images.csv.
+
+    Streamed in chunks of whole photos (about TOPK_CHUNK_ROWS rows each), so 10^5 photos x 21 templates x
+    k = 10 never exist as Python objects at once: a chunk is numpy index arithmetic, its strings are taken
+    from the existing ones (by pyarrow for Parquet, by object arrays for the CSV), and it becomes one
+    Parquet row group and one batch of CSV rows.
+    """
+    ids = np.load(pred_dir / "topk_ids.npy", mmap_mode="r")
+    scores = np.load(pred_dir / "topk_scores.npy", mmap_mode="r")
+    status = np.load(pred_dir / TOP1_STATUS, mmap_mode="r")
+    n_images, n_templates, k = ids.shape
+    strings = _TopkStrings(
+        photos=np.array([path for _, path in images], object),
+        persons=np.array([person for person, _ in images], object),
+        templates=np.array(templates, object))
+    photos_per_chunk = max(1, TOPK_CHUNK_ROWS // (n_templates * k))
+    with open(pred_dir / TOPK_CSV, "w", newline="", encoding="utf-8") as f, \
+            pq.ParquetWriter(pred_dir / TOPK_PARQUET, TOPK_SCHEMA, compression="snappy") as parquet:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(TOPK_COLUMNS)
+        for start in range(0, n_images, photos_per_chunk):
+            chunk = _TopkChunk.of(start, min(start + photos_per_chunk, n_images), ids, scores, status, candidates)
+            parquet.write_table(chunk.table(strings))
+            w.writerows(chunk.csv_rows(strings))
+
+
+@dataclass(frozen=True)
+class _TopkStrings:
+    """The strings the table's rows repeat, as object arrays (indexing them copies references, not text)."""
+
+    photos: np.ndarray  # object [M]: image paths as in images.csv
+    persons: np.ndarray  # object [M]: the person of each image
+    templates: np.ndarray  # object [T]: template texts, verbatim with {0}
+
+
+@dataclass(frozen=True)
+class _TopkChunk:
+    """The table rows of image rows [start, stop): photo-major, then template, then rank (C order of
+    topk_ids.npy)."""
+
+    image_row: np.ndarray  # int64 [R]: the row of images.csv
+    template: np.ndarray  # int32 [R]: template index
+    rank: np.ndarray  # int32 [R]: 1 = best
+    names: np.ndarray  # object [R]: candidate names
+    cosine: np.ndarray  # float32 [R]: topk_scores.npy's values
+    status: np.ndarray  # int8 [R]: top1_status.npy's code; meaningful on rank 1 only
+
+    @classmethod
+    def of(cls, start: int, stop: int, ids: np.ndarray, scores: np.ndarray, status: np.ndarray,
+           candidates: list[str]) -> _TopkChunk:
+        n, (_, n_templates, k) = stop - start, ids.shape
+        # Only the chunk's distinct candidates are looked up, not all N names turned into an array.
+        distinct, which = np.unique(np.asarray(ids[start:stop]).reshape(-1), return_inverse=True)
+        top1_status = np.zeros(n * n_templates * k, np.int8)
+        top1_status[::k] = np.asarray(status[start:stop]).reshape(-1)
+        return cls(image_row=np.repeat(np.arange(start, stop), n_templates * k),
+                   template=np.tile(np.repeat(np.arange(n_templates, dtype=np.int32), k), n),
+                   rank=np.tile(np.arange(1, k + 1, dtype=np.int32), n * n_templates),
+                   names=np.array([candidates[i] for i in distinct], object)[which.reshape(-1)],
+                   cosine=np.ascontiguousarray(scores[start:stop]).reshape(-1), status=top1_status)
+
+    def table(self, strings: _TopkStrings) -> pa.Table:
+        """The chunk's rows for Parquet: strings as Arrow strings, status null below rank 1."""
+        return pa.Table.from_arrays(
+            [pa.array(strings.photos[self.image_row], pa.string()),
+             pa.array(strings.persons[self.image_row], pa.string()), pa.array(self.template),
+             pa.array(strings.templates[self.template], pa.string()), pa.array(self.rank),
+             pa.array(self.names, pa.string()), pa.array(self.cosine),
+             pa.array(self.status, mask=self.rank != 1)],
+            schema=TOPK_SCHEMA)
+
+    def csv_rows(self, strings: _TopkStrings) -> Iterator[tuple]:
+        """The chunk's rows for the CSV, in TOPK_COLUMNS order."""
+        status = np.full(len(self.rank), "", object)  # empty below rank 1
+        first = self.rank == 1
+        status[first] = self.status[first].tolist()
+        # numpy's str of a float32 is its shortest repr that reads back as the same float32 (through float(),
+        # as tolist() gives it, it would be a float64's 17 digits).
+        columns = [strings.photos[self.image_row], strings.persons[self.image_row], self.template,
+                   strings.templates[self.template], self.rank, self.names, self.cosine.astype(str), status]
+        return zip(*(c.tolist() for c in columns))  # lists iterate faster than arrays
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:

@@ -63,6 +63,7 @@ from .report import (
     write_persons,
     write_run,
     write_summary,
+    write_topk_tables,
 )
 from .search import SearchJob, search_all, status_counts
 from .settle import settle_cells
@@ -376,6 +377,7 @@ def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: Lo
     write_modes(tmp / "modes.csv", persons, decision.votes, candidates, decision.votes_exact)
     write_images_csv(tmp / PREDICTIONS / "images.csv", [(n, str(p), s) for n, p, s in rows])
     (tmp / PREDICTIONS / "candidates.txt").write_text("".join(c + "\n" for c in candidates), encoding="utf-8")
+    write_topk_tables(tmp / PREDICTIONS, [(n, str(p)) for n, p, _ in rows], candidates, index.templates)
     images_used = decision.votes.n_images
     summary = build_summary(config, index, model, config.store_path, inputs.collection, persons, images_used, rows,
                             skipped, inputs.missing, decision.votes, decision.decisions, decision.metrics,
