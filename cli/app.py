@@ -309,16 +309,19 @@ def evaluate_cmd(
     tau: int = typer.Option(1, "--tau", help="Member iff score >= tau (1..number of templates)."),
     headline_n: int = typer.Option(30, "--headline-n", help="n of the headline numbers (ROC, AUC, TPR at low FPR)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Evaluation folder. Default: <report>/evaluation."),
+    redact: bool = typer.Option(False, "--redact", help="Leave photo paths, other people's names (in each person's "
+                                "drill-down) and full file paths out of the evaluation folder."),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """The paper's evaluation protocol from a report's cached predictions: rates per n, ROC, AUC, TPR at low FPR."""
+    """The paper's evaluation protocol from a report's cached predictions: rates per n with intervals, ROC, AUC,
+    TPR at low FPR, continuous scores beside paper mode, a model card and a per-person drill-down."""
     from idia_engine.engine.evaluate.protocol import PAPER_N_VALUES, EvalConfig, evaluate_report
 
     _setup_logging(verbose)
     with _errors_to_exit():
         config = EvalConfig(n_values=_parse_n_values(n_values) if n_values else PAPER_N_VALUES, draws=draws,
-                            seed=seed, tau=tau, headline_n=headline_n, out_dir=out_dir)
+                            seed=seed, tau=tau, headline_n=headline_n, out_dir=out_dir, redact=redact)
         with _progress_bars(not quiet) as progress:
             result = evaluate_report(report_dir, labels, config, progress)
     print_evaluation(result.metrics, result.out_dir)
@@ -346,9 +349,25 @@ def print_evaluation(metrics: dict, out_dir: Path) -> None:
         stats = [headline[k] for k in keys] + [headline["TPR_at_FPR"][k] for k in low]
         table.add_row(*[_mean_std(x) for x in stats])
         out.print(table)
+    scores = metrics.get("scores")
+    if scores:
+        keys = list(next(iter(scores["full"].values()))["TPR_at_FPR"])
+        table = Table(title="every score over all images (95 % bootstrap intervals over persons; only 'paper' is "
+                            "the paper's)")
+        for col in ["score", "AUC"] + [f"TPR@{float(k) * 100:g}%FPR" for k in keys]:
+            table.add_column(col, justify="right")
+        for name, full in scores["full"].items():
+            table.add_row(name, _with_interval(full["AUC"]), *[_with_interval(full["TPR_at_FPR"][k]) for k in keys])
+        out.print(table)
     for note in metrics.get("notes", []):
-        out.print(f"note: {note}", highlight=False)
-    out.print(f"evaluation: [bold]{out_dir}[/] (report.html, metrics.json, CSVs, PNGs)", highlight=False)
+        out.print(f"note: {note}", markup=False, highlight=False)  # notes hold names: never markup
+    out.print(f"evaluation: [bold]{escape(str(out_dir))}[/] (report.html, metrics.json, CSVs, PNGs)", highlight=False)
+
+
+def _with_interval(entry: dict) -> str:
+    if entry.get("value") is None:
+        return "n/a"
+    return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
 
 def _mean_std(stat: dict) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from html.parser import HTMLParser
 from collections import Counter
 from pathlib import Path
 
@@ -644,3 +645,84 @@ def test_person_scores_file(hand_report):
     assert float(rows["Carl"]["reference_share"]) == pytest.approx(2 / 24, abs=1e-8)
     page = (report / "evaluation" / "report.html").read_text(encoding="utf-8")
     assert "Scores side by side" in page and "Clopper-Pearson" in page
+
+
+class _Page(HTMLParser):
+    """Per <details> block: its summary text and the rows (cell texts) of its tables; and the model card."""
+
+    def __init__(self):
+        super().__init__()
+        self.persons, self.card, self._cell, self._row, self._where = [], [], None, None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "details":
+            self.persons.append({"summary": "", "rows": []})
+            self._where = "details"
+        elif tag == "table" and attrs.get("class") == "card":
+            self._where = "card"
+        elif tag == "summary":
+            self._cell = ""
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag == "summary":
+            self.persons[-1]["summary"], self._cell = self._cell, None
+        elif tag in ("td", "th") and self._row is not None:
+            self._row.append(self._cell)
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            if self._where == "details":
+                self.persons[-1]["rows"].append(self._row)
+            elif self._where == "card":
+                self.card.append(self._row)
+            self._row = None
+        elif tag in ("details", "table") and self._where == "card":
+            self._where = None
+
+
+def _parsed_page(report: Path) -> _Page:
+    page = _Page()
+    page.feed((report / "evaluation" / "report.html").read_text(encoding="utf-8"))
+    return page
+
+
+def test_the_page_has_a_model_card_and_a_drill_down_per_person(hand_report):
+    report, labels = hand_report
+    evaluate_report(report, labels, SMALL)
+    page = _parsed_page(report)
+    card = dict(page.card)
+    assert {"model (architecture)", "weights fingerprint (SHA-256)", "candidate names", "name index", "exactness",
+            "library versions", "command line"} <= set(card)
+    assert card["candidate names"].startswith("5 ")
+    anna = next(p for p in page.persons if p["summary"].startswith("Anna"))
+    assert anna["summary"] == "Anna: score 2 of 3, decided member, labelled member"
+    # templates: t0 {Anna: 3} hit; t1 {Anna: 2, Bob: 1} hit; t2 a three-way tie
+    templates = [r for r in anna["rows"] if len(r) == 6 and r[0] in ("0", "1", "2")]
+    assert [r[2:] for r in templates] == [["Anna", "3", "3", "hit"], ["Anna", "2", "2", "hit"], ["tie", "1", "1", ""]]
+    photos = [r for r in anna["rows"] if len(r) == 3 and r[0].startswith("/faces/")]
+    assert [r[:2] for r in photos] == [["/faces/Anna/a0.jpg", "3"], ["/faces/Anna/a1.jpg", "2"],
+                                       ["/faces/Anna/a2.jpg", "1"]]
+    assert photos[1][2] == "Anna ×2 (0.900); Bob ×1 (0.900)"
+
+
+def test_redact_leaves_out_photo_paths_and_other_peoples_names(hand_report, tmp_path):
+    report, labels = hand_report
+    evaluate_report(report, labels, EvalConfig(n_values=(1, 3), draws=2, redact=True))
+    text = (report / "evaluation" / "report.html").read_text(encoding="utf-8")
+    assert "/faces/" not in text and str(report) not in text and str(labels) not in text
+    page = _parsed_page(report)
+    anna = next(p for p in page.persons if p["summary"].startswith("Anna"))
+    cells = " ".join(c for row in anna["rows"] for c in row)
+    assert not any(other in cells for other in ("Bob", "Carl", "Dora", "Fake One"))
+    assert "another name (1)" in cells and "photo 1 · sha256 sha-a0" in cells
+    metrics = json.loads((report / "evaluation" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["report"]["dir"] == "report" and metrics["labels"]["file"] == "labels.csv"
+    assert "/faces/" not in (report / "evaluation" / "person_scores.csv").read_text(encoding="utf-8")

@@ -52,6 +52,7 @@ from ..query.report import (
     SUMMARY,
 )
 from ..query.votes import check_tau
+from .drilldown import PageContext, read_run, redacted_metrics_paths
 from .intervals import BOOTSTRAP_RESAMPLES, CONFIDENCE, low_fpr_sentences, rate_sentence
 from .population import (
     LEFT_OUT_REASONS,
@@ -102,6 +103,7 @@ class EvalConfig:
     confidence: float = CONFIDENCE  # of every interval: Clopper-Pearson for rates, the bootstrap for AUC, TPR@FPR
     bootstrap_resamples: int = BOOTSTRAP_RESAMPLES  # resamples of persons per bootstrapped number (seeded by seed)
     out_dir: Path | None = None  # the evaluation folder; None = <report_dir>/evaluation
+    redact: bool = False  # leave photo paths, other people's names and full file paths out of the folder
 
     def __post_init__(self) -> None:
         """Check the options that do not depend on the report (tau's range does: `check_tau` once T is known)."""
@@ -266,8 +268,8 @@ def compute_evaluation(report_dir: Path, labels_path: Path | None = None, config
 
 
 def _evaluate(report_dir: Path, labels_path: Path | None, config: EvalConfig,
-              progress: Progress) -> tuple[dict, list[list]]:
-    """(metrics, one row of every score per evaluated person)."""
+              progress: Progress) -> tuple[dict, PageContext]:
+    """(metrics, what the report page needs beyond them)."""
     report_dir = Path(report_dir)
     n_values = config.sorted_n_values
     summary, preds = open_report(report_dir)
@@ -327,7 +329,9 @@ def _evaluate(report_dir: Path, labels_path: Path | None, config: EvalConfig,
         "scores": scores,
         "library_versions": library_versions(),
     }
-    return metrics, person_score_rows(pop)
+    if config.redact:
+        redacted_metrics_paths(metrics)
+    return metrics, PageContext(summary, read_run(report_dir), pop, preds, config.redact)
 
 
 def evaluate_report(report_dir: Path, labels_path: Path | None = None, config: EvalConfig = EvalConfig(),
@@ -341,11 +345,11 @@ def evaluate_report(report_dir: Path, labels_path: Path | None = None, config: E
     report_dir = Path(report_dir)
     out_dir = eval_out_dir(report_dir, config)
     _check_out_dir(out_dir)
-    metrics, person_rows = _evaluate(report_dir, labels_path, config, progress)
+    metrics, page = _evaluate(report_dir, labels_path, config, progress)
     with staged_directory(out_dir, replace_existing=True) as tmp:
         progress("write evaluation", 0, 1)
-        metrics["files"] = write_evaluation_files(tmp, metrics)
-        write_person_scores(tmp / PERSON_SCORES_CSV, person_rows)
+        metrics["files"] = write_evaluation_files(tmp, metrics, page)
+        write_person_scores(tmp / PERSON_SCORES_CSV, person_score_rows(page.pop))
         metrics["files"][PERSON_SCORES_CSV] = ("one row per evaluated person: member, n_images, the paper score "
                                                "and the continuous scores (not the paper's) from all images")
         metrics["files"][METRICS_FILE] = "every number of the evaluation, its configuration and counts"

@@ -32,6 +32,8 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from .drilldown import PageContext, render_drilldown, render_model_card
+
 RATES_BY_N_CSV = "rates_by_n.csv"
 TAU_SWEEP_CSV = "tau_sweep.csv"
 ROC_CSV = "roc.csv"
@@ -49,8 +51,9 @@ _NUMBER_KEYS = ("TP", "FN", "FP", "TN", "TPR", "FNR", "FPR", "TNR", "accuracy", 
 _FULL_CURVE = "full report"
 
 
-def write_evaluation_files(folder: Path, metrics: dict) -> dict[str, str]:
-    """Write the CSVs, plots and report.html into folder; return {file name: description}."""
+def write_evaluation_files(folder: Path, metrics: dict, page: PageContext | None = None) -> dict[str, str]:
+    """Write the CSVs, plots and report.html into folder; return {file name: description}. With `page`, the
+    HTML also carries the model card and the per-person drill-down."""
     folder = Path(folder)
     files = {
         RATES_BY_N_CSV: "per n: people evaluated and left out, mean and std over draws of TP, FN, FP, TN, TPR, "
@@ -82,8 +85,10 @@ def write_evaluation_files(folder: Path, metrics: dict) -> dict[str, str]:
         files[HEATMAP_PNG] = "members' TPR over (n images) x (occurrence bin)"
     for name, png in images.items():
         (folder / name).write_bytes(png)
-    (folder / REPORT_HTML).write_text(render_html(metrics, images), encoding="utf-8")
-    files[REPORT_HTML] = "one self-contained page: headline numbers, the per-n table and the plots"
+    (folder / REPORT_HTML).write_text(render_html(metrics, images, page), encoding="utf-8")
+    files[REPORT_HTML] = ("one self-contained page: the model card, method and limitations, headline numbers with "
+                          "intervals, every score side by side, the per-n table, the plots and a per-person "
+                          "drill-down")
     return files
 
 
@@ -486,11 +491,13 @@ def _occurrence_table(metrics: dict) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:80em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;margin:.5em 1em .5em 0}
-.muted{color:#666}"""
+.muted{color:#666}table.card th{text-align:left}table.card td{text-align:left}details.person{margin:.3em 0}
+details.person summary{cursor:pointer}"""
 
 
-def render_html(metrics: dict, images: dict[str, bytes]) -> str:
-    """One self-contained page: every PNG is embedded as a base64 data URI."""
+def render_html(metrics: dict, images: dict[str, bytes], page: PageContext | None = None) -> str:
+    """One self-contained page: every PNG is embedded as a base64 data URI. Without `page` (a metrics.json
+    rendered again on its own), no model card and no drill-down."""
     cfg, rep, labels = metrics["config"], metrics["report"], metrics["labels"]
     esc = html.escape
     figures = "".join(f'<img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
@@ -506,6 +513,10 @@ def render_html(metrics: dict, images: dict[str, bytes]) -> str:
         (f"<p>Decision: member iff score &ge; tau = {cfg['tau']} (score = templates whose unique plurality over "
          f"a person's n images is the true name; higher = more likely a member). {cfg['draws']} draws per n, "
          f"seed {cfg['seed']}; std is the population std over draws.</p>"),
+    ]
+    if page is not None:
+        parts += ["<h2>Model card</h2>", render_model_card(page)]
+    parts += [
         "<h2>Headline</h2>", _headline_table(metrics), _interval_table(metrics),
         "<h2>Scores side by side</h2>", _scores_table(metrics), _scores_paragraph(metrics),
     ]
@@ -514,5 +525,7 @@ def render_html(metrics: dict, images: dict[str, bytes]) -> str:
     parts += ["<h2>Plots</h2>", f"<div>{figures}</div>", "<h2>Rates per n images</h2>", _per_n_table(metrics)]
     if metrics.get("occurrences"):
         parts += ["<h2>Members' TPR per training-occurrence bin</h2>", _occurrence_table(metrics)]
+    if page is not None:
+        parts += ["<h2>Persons</h2>", render_drilldown(page, cfg["tau"])]
     parts.append("</body></html>\n")
     return "\n".join(parts)
