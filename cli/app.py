@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,6 +153,26 @@ def build_index_cmd(
         out.print(f"{manifest.duplicates_dropped} duplicate name(s) dropped (first occurrence kept)")
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The running command as a shell-quoted line: its name and every option given on the command line (not
+    defaults), in declaration order, rebuilt from the parse so it is the same however the app was invoked."""
+    parts = ["idia-engine", ctx.info_name or ""]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            v = v.value if hasattr(v, "value") else v
+            if param.param_type_name != "option":
+                parts.append(str(v))
+            elif getattr(param, "is_flag", False):
+                parts.append(param.opts[0] if v else (param.secondary_opts or param.opts)[0])
+            else:
+                parts += [param.opts[0], str(v)]
+    return shlex.join(parts)
+
+
 def _budget_bytes(gib: float) -> int:
     from idia_engine.engine.errors import InputError
 
@@ -178,6 +199,7 @@ def _search_params(items: list[str] | None) -> dict | None:
 
 @app.command("query")
 def query_cmd(
+    ctx: typer.Context,
     faces_dir: Optional[Path] = typer.Argument(None, help="faces/<Person Name>/<images>; '_' in a folder name reads as a space."),
     index_dir: Path = typer.Option(Path("idia-index"), "--index-dir", help="An index written by build-index."),
     out_dir: Path = typer.Option(Path("idia-report"), "--out", help="Report directory (an earlier report there is replaced)."),
@@ -220,7 +242,7 @@ def query_cmd(
                              images_per_person=images_per_person, seed=seed, strict=strict, device=device,
                              precision=precision, batch_size=batch_size, workers=workers, store_dtype=store_dtype,
                              search_params=_search_params(search_param), exact_fallback=not no_fallback,
-                             cells=not no_cells)
+                             cells=not no_cells, command_line=_command_line(ctx))
         with _progress_bars(not quiet) as progress:
             result = run_query(config, progress)
     _print_query_summary(result.summary, result.run, out_dir)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-from html.parser import HTMLParser
 from collections import Counter
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -157,6 +159,16 @@ def test_labels_metrics_subsets_and_missing_names(tmp_path, world, tiny_model_fi
     assert (m["TP"], m["FN"], m["members"], m["non_members"]) == (tp, fn, 2, 3)
     assert all((row["decision"] == "member") == (int(row["score"]) >= 2) for row in persons.values())
     assert summary["labels"]["labels_for_unknown_names"] == ["Somebody Else"]
+    # The report page names the model as a regulator asks first: architecture, weights, fingerprint, templates,
+    # candidates, index and exactness, and the command line of the query.
+    ok("evaluate", tmp_path / "r", "--n", "1,2", "--draws", 2, "-q")
+    page = (tmp_path / "r" / "evaluation" / "report.html").read_text(encoding="utf-8")
+    card = dict(re.findall(r"<tr><th>([^<]*)</th><td>([^<]*)</td></tr>", page))
+    assert card["weights fingerprint (SHA-256)"] == summary["model"]["fingerprint"]
+    assert card["prompt templates"].startswith("21: " + html.escape(PAPER_TEMPLATES[0]))
+    assert card["candidate names"] == f"{len(world['names'])} (1 added for this run)"
+    assert card["name index"].startswith("flat, build ") and card["exactness"].startswith("every decision equals")
+    assert card["command line"].startswith("idia-engine query ") and "--tau 2" in card["command line"]
     # The seeded draw is reproducible and depends on the seed.
     chosen = lambda d: [r["path"] for r in load_predictions(d).images]  # noqa: E731
     ok("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r_same", "--images-per-person", 2,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import shlex
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,11 @@ def model_card(ctx: PageContext) -> list[tuple[str, str]]:
 
 def _redact_command(command: str) -> str:
     """Paths in a command line by their last part."""
-    return " ".join(Path(part).name if "/" in part else part for part in command.split(" "))
+    try:
+        parts = shlex.split(command)
+    except ValueError:  # not a shell-quoted line: split on blanks
+        parts = command.split()
+    return shlex.join(Path(part).name if "/" in part else part for part in parts)
 
 
 METHOD = ("For each photo and each prompt template, the model picks the candidate name whose prompt is most "

@@ -57,7 +57,8 @@ TOPK_CHUNK_ROWS = 1 << 16
 
 FILE_DESCRIPTIONS = {
     "summary.json": "parameters, counts, skipped files and (with labels) metrics; identical for identical inputs",
-    "run.json": "this run only: created_at, timings per stage, images encoded now / found in the store",
+    "run.json": "this run only: created_at, the command line (when run from the CLI), timings per stage, images "
+                "encoded now / found in the store",
     "persons.csv": "one row per person: name, n_images, score (0..T templates whose unique plurality is the "
                    "true name; higher = more likely a member), decision, label, in_index, true_votes, "
                    "tied_templates, hits (one 0/1 per template, in template order, separated by spaces: "
@@ -293,7 +294,8 @@ def build_summary(config, index, model, store_dir, collection, persons, images_u
         },
         "index": {"build_id": index.manifest.build_id, "index_kind": index.manifest.index_kind,
                   "num_names": index.manifest.num_names, "num_templates": index.manifest.num_templates,
-                  "names_sha256": index.manifest.names_sha256},
+                  "names_sha256": index.manifest.names_sha256,
+                  "templates": list(index.templates)},  # verbatim: the report page's model card shows them
         "model": {"model": model.info.model, "pretrained": model.info.pretrained,
                   "weights_source": model.info.weights_source, "fingerprint": model.info.fingerprint},
         "counts": {

@@ -96,6 +96,7 @@ class QueryConfig:
     search_params: dict | None = None  # per-call index parameters (e.g. {"nprobe": 64}); default: the manifest's
     exact_fallback: bool = True  # approximate kinds: brute-force what cannot be certified (False: flag it)
     cells: bool = True  # approximate kinds: settle cells by witnesses, brute-force only what they leave open
+    command_line: str | None = None  # how this run was started (the CLI fills it in), recorded in run.json
 
     def __post_init__(self) -> None:
         if (self.faces_dir is None) == (self.image_manifest is None):
@@ -212,7 +213,8 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
                 decision = _decide(inputs, person, true_ids, top1, status, config.tau)
             with timer.stage("write report"):
                 summary = _write_report(tmp, config, inputs, model, rows, skipped, decision, search_stats)
-                run = {"created_at": utc_now(), "images_encoded": encoded.encoded,
+                run = {"created_at": utc_now(), "command_line": config.command_line,
+                       "images_encoded": encoded.encoded,
                        "images_from_cache": encoded.from_cache, "undecodable_from_store": encoded.known_bad,
                        "timings_s": dict(timer.seconds)}
                 write_run(tmp, run)
