@@ -443,6 +443,47 @@ def print_comparison(comparison: dict, out_dir: Path) -> None:
               highlight=False)
 
 
+@app.command("labels")
+def labels_cmd(
+    captions: list[Path] = typer.Argument(..., help="Training captions: .parquet, .txt (one per line) or .tsv files, "
+                                          "or folders of them."),
+    names_file: Path = typer.Option(..., "--names", help="The candidate names (a names file as build-index reads)."),
+    out_file: Path = typer.Option(Path("labels.csv"), "--out", "-o", help="The labels CSV name,member,occurrences "
+                                  "(its manifest goes beside it as <stem>.manifest.json)."),
+    column: Optional[str] = typer.Option(None, "--column", help="Caption column (Parquet, TSV with a header). "
+                                         "Default: the first of caption, TEXT, text; a TSV without one of them as "
+                                         "header is read from its first column (CC3M)."),
+    case_sensitive: bool = typer.Option(False, "--case-sensitive", help="Match names with their case (default: "
+                                        "case-folded)."),
+    min_occurrences: int = typer.Option(1, "--min-occurrences", help="Member iff the name is in at least this many "
+                                        "captions."),
+    workers: int = typer.Option(0, "--workers", help="Processes (0 = every CPU); with --ray local, Ray's CPUs."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on a Ray cluster: host:port, ray://host:port, auto, "
+                                      "or local (start one here)."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Ground truth from training captions: how many captions contain each name as whole words, and membership."""
+    from idia_engine.engine.ground_truth.run import CaptionLabelsConfig, count_caption_labels
+
+    _setup_logging(verbose)
+    with _errors_to_exit():
+        config = CaptionLabelsConfig(inputs=tuple(captions), names_file=names_file, out=out_file, column=column,
+                                     case_sensitive=case_sensitive, min_occurrences=min_occurrences, workers=workers,
+                                     ray=ray)
+        with _progress_bars(not quiet) as progress:
+            result = count_caption_labels(config, progress)
+    m = result.manifest
+    rate = m["timings"]["captions_per_s"]
+    out.print(f"{m['rows_read']} captions, {m['names']['count']} names: {m['members']} members "
+              f"(>= {m['matcher']['min_occurrences']} captions), {m['non_members']} non-members"
+              + (f"; {rate:,.0f} captions/s" if rate else ""), markup=False, highlight=False)
+    if m["nested_names"]["listed"]:
+        out.print(f"note: {m['nested_names']['listed']} name(s) occur inside longer names; the manifest lists them",
+                  markup=False, highlight=False)
+    out.print(f"labels: {result.labels_path} (manifest {config.manifest_path})", markup=False, highlight=False)
+
+
 @app.command("bench")
 def bench_cmd(
     size: Annotated[list[int] | None, typer.Option("--size", help="Label-space size N (repeatable; default "
