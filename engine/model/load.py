@@ -94,6 +94,7 @@ class WeightsSource(str, Enum):
     HF_HUB = "hf-hub"
     CHECKPOINT = "checkpoint"
     RANDOM_INIT = "random-init"
+    IN_MEMORY = "in-memory"  # a model the caller had already loaded (the Python API's from_open_clip)
 
 
 @dataclass(frozen=True)

@@ -148,19 +148,25 @@ def load_rgb(path: Path) -> Image.Image:
         with Image.open(path) as img:
             img.seek(0)
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bit first
-                img = img.point(lambda v: v / 256).convert("L")
-            return img.convert("RGB")
+            return as_rgb(img)
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image converted to RGB as every photo is (a new image; the given one is left as it is)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bit first
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """(path, sha256) items -> (preprocessed pixels or None, sha256, path, error or None).
 
-    Decoding runs in DataLoader workers; nothing here touches the LMDB store (an LMDB environment
-    must not cross a fork).
+    An item may hold a PIL image already in memory instead of a path (the Python API's photos); it goes
+    through the same RGB conversion and preprocessing as a decoded file. Decoding runs in DataLoader
+    workers; nothing here touches the LMDB store (an LMDB environment must not cross a fork).
     """
 
-    def __init__(self, items: list[tuple[Path, str]], preprocess: Callable):
+    def __init__(self, items: list[tuple[Path | Image.Image, str]], preprocess: Callable):
         self.items = items
         self.preprocess = preprocess
 
@@ -171,7 +177,7 @@ class ImageDataset(torch.utils.data.Dataset):
         path, sha = self.items[i]
         try:
             ImageFile.LOAD_TRUNCATED_IMAGES = False
-            pixels = self.preprocess(load_rgb(path))
+            pixels = self.preprocess(as_rgb(path) if isinstance(path, Image.Image) else load_rgb(path))
             return pixels, sha, str(path), None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return None, sha, str(path), f"decompression bomb refused by Pillow ({e})"
