@@ -62,15 +62,16 @@ class Model:
 
 
 def load_model(model: str | Path = DEFAULT_MODEL, pretrained: str | Path | None = None, device: str = "cpu",
-               precision: str = "auto") -> Model:
+               precision: str = "fp32") -> Model:
     """Load a CLIP model as `build-index --model M --pretrained P` does (README, "Models and weights").
 
     model: an open_clip model name ("ViT-B-32"), "hf-hub:org/repo", or the path of a model-config JSON.
     pretrained: an open_clip tag ("laion2b_s34b_b79k"), "hf-hub:org/repo", a checkpoint path, "none" for
         seeded random weights, or None for the default weights of "ViT-B-32" (other models need one).
     device: "cpu", "cuda" or "auto" (CUDA when torch sees one).
-    precision: "fp32" (the reference, the CLI's default), "fp16", "bf16", or "auto": what the device
-        multiplies natively (fp16 on CUDA, bf16 on a CPU with AVX-512 BF16 or AMX, else fp32).
+    precision: "fp32" (the default: the reference, as the CLI's, so that `attack` gives the CLI's scores),
+        "fp16", "bf16", or "auto": what the device multiplies natively (fp16 on CUDA, bf16 on a CPU with
+        AVX-512 BF16 or AMX, else fp32), faster there but its embeddings differ in the last bits.
 
     Weights come from the local caches first; a download is tried only when the hub answers. Raises
     ModelLoadError, WeightsUnavailableError, InputError or DeviceError with a one-line message.
@@ -81,7 +82,7 @@ def load_model(model: str | Path = DEFAULT_MODEL, pretrained: str | Path | None 
 
 def from_open_clip(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, *,
                    name: str = "in-memory open_clip model", device: str | None = None,
-                   precision: str = "auto") -> Model:
+                   precision: str = "fp32") -> Model:
     """Wrap a model the caller loaded already, e.g. with `open_clip.create_model_and_transforms`.
 
     model: an open_clip CLIP (anything with `encode_text` and `encode_image`); it is put in eval mode (the
