@@ -16,14 +16,17 @@ import pytest
 import torch
 from idia_engine.cli.app import app
 from idia_engine.engine.candidates.templates import PAPER_TEMPLATES
+from idia_engine.engine.demo.faces import MINOR_TRAITS, trait_vector
 from idia_engine.engine.demo.run import SMALL_DEMO
 from idia_engine.engine.demo.training import TrainConfig, train_clip_on_world
 from idia_engine.engine.demo.world import (
     TRAINING_CAPTIONS,
+    HardKind,
     WorldConfig,
     make_world,
     shape_caption,
 )
+from idia_engine.engine.errors import InputError
 from typer.testing import CliRunner
 
 SMALL_WORLD: WorldConfig = SMALL_DEMO["world"]
@@ -82,6 +85,49 @@ def test_membership_and_occurrences_are_what_the_captions_say():
     assert 0 < len(set(TRAINING_CAPTIONS) & set(PAPER_TEMPLATES)) < len(TRAINING_CAPTIONS)
 
 
+def test_lookalikes_have_their_members_face_but_for_one_minor_trait():
+    world = make_world(SMALL_WORLD)
+    lookalikes = [i for i, p in enumerate(world.identities) if p.hard_kind is HardKind.LOOKALIKE]
+    n_non_members = sum(not p.member for p in world.identities)
+    assert len(lookalikes) == round(n_non_members * SMALL_WORLD.lookalike_fraction) > 0
+    vectors = np.stack([trait_vector(t) for t in world.traits])
+    rng = np.random.default_rng(0)
+    random_pairs = rng.integers(len(vectors), size=(500, 2))
+    random_pairs = random_pairs[random_pairs[:, 0] != random_pairs[:, 1]]
+    random_distance = np.linalg.norm(vectors[random_pairs[:, 0]] - vectors[random_pairs[:, 1]], axis=1)
+    for i in lookalikes:
+        person, of = world.identities[i], world.identities[i].hard_of
+        assert not person.member and person.occurrences == 0 and world.identities[of].member
+        assert person.name != world.identities[of].name
+        mine, theirs = world.traits[i], world.traits[of]
+        differs = [f for f in vars(mine) if getattr(mine, f) != getattr(theirs, f)]
+        assert len(differs) == 1 and differs[0] in MINOR_TRAITS, differs
+        # Closer to their member than random pairs are to each other.
+        assert np.linalg.norm(vectors[i] - vectors[of]) < np.median(random_distance)
+    assert np.mean([np.linalg.norm(vectors[i] - vectors[world.identities[i].hard_of]) for i in lookalikes]) \
+        < 0.5 * np.mean(random_distance)
+
+
+def test_namesakes_share_a_name_part_with_their_member_and_nothing_else():
+    world = make_world(SMALL_WORLD)
+    namesakes = [i for i, p in enumerate(world.identities) if p.hard_kind is HardKind.NAMESAKE]
+    n_non_members = sum(not p.member for p in world.identities)
+    assert len(namesakes) == round(n_non_members * SMALL_WORLD.namesake_fraction) > 0
+    for i in namesakes:
+        person, member = world.identities[i], world.identities[world.identities[i].hard_of]
+        assert not person.member and person.occurrences == 0 and member.member
+        first, last = person.name.split(" ", 1)
+        member_first, member_last = member.name.split(" ", 1)
+        assert (first == member_first) != (last == member_last)  # one name part, not the whole name
+        assert world.traits[i] != world.traits[person.hard_of]  # a face of their own
+    # Every name in the world is still one person's.
+    assert len({p.name.casefold() for p in world.identities}) == len(world.identities)
+    ordinary = [p for p in world.identities if p.hard_kind is HardKind.NONE]
+    assert all(p.hard_of is None for p in ordinary)
+    with pytest.raises(InputError, match="add up"):
+        make_world(replace(SMALL_WORLD, lookalike_fraction=0.6, namesake_fraction=0.6))
+
+
 def test_heldout_photos_are_never_training_photos():
     world = make_world(SMALL_WORLD)
     member = next(i for i, p in enumerate(world.identities) if p.occurrences >= 10)
@@ -124,6 +170,35 @@ def test_the_trained_model_separates_members_from_non_members(small_demo):
     # Scores, not only decisions: members seen >= 10 times score clearly higher than non-members.
     score = {p["name"]: int(p["score"]) for p in persons}
     assert np.mean([score[n] for n in frequent]) >= 3 + np.mean([score[n] for n in non_members])
+
+
+def test_the_demo_records_its_hard_non_members(small_demo):
+    """labels.csv says who is a look-alike or namesake of whom; query and evaluate read it as plain labels."""
+    work, _ = small_demo
+    world = make_world(SMALL_WORLD, *_world_names(work))
+    with open(work / "labels.csv", newline="", encoding="utf-8") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {p.name for p in world.identities}
+    for person in world.identities:
+        row = rows[person.name]
+        assert row["hard_kind"] == person.hard_kind.value
+        assert row["of"] == (world.identities[person.hard_of].name if person.hard_of is not None else "")
+    kinds = [r["hard_kind"] for r in rows.values()]
+    assert kinds.count("lookalike") > 0 and kinds.count("namesake") > 0
+    marker = json.loads((work / "demo.json").read_text(encoding="utf-8"))
+    assert marker["hard_non_members"] == {"lookalike": kinds.count("lookalike"), "namesake": kinds.count("namesake")}
+    # Every person of the world is a candidate exactly once, and the padding is nobody's name.
+    candidates = [n for n in (work / "names.txt").read_text(encoding="utf-8").splitlines() if not n.startswith("#")]
+    assert len(candidates) == len(set(candidates)) == SMALL_DEMO["candidates"]
+    assert set(rows) <= set(candidates)
+
+
+def _world_names(work):
+    """The names and sexes the demo drew its world from (before namesakes took a member's name part)."""
+    from idia_engine.engine.candidates.made_up import generate_names
+
+    generated = generate_names(SMALL_DEMO["candidates"], seed=json.loads((work / "demo.json").read_text())["seed"])
+    return generated.names[:SMALL_WORLD.identities], [s.value for s in generated.sexes]
 
 
 def test_the_demo_reports_the_protocol_and_where_it_is(small_demo):

@@ -7,7 +7,7 @@ light and noise around them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,41 @@ def identity_traits(rng: np.random.Generator) -> FaceTraits:
         face_aspect=float(rng.uniform(1.05, 1.5)), eye_spacing=float(rng.uniform(0.3, 0.55)),
         hair_height=float(rng.uniform(0.15, 0.45)), glasses=bool(rng.random() < 0.3),
     )
+
+
+# The traits a look-alike may differ in from the person it resembles: small things (eye colour, eye
+# spacing, glasses, usual surroundings). Skin, hair and face shape, what a face is recognised by, stay.
+MINOR_TRAITS = ("eyes", "eye_spacing", "glasses", "background")
+
+
+def lookalike_traits(traits: FaceTraits, rng: np.random.Generator) -> tuple[FaceTraits, str]:
+    """The traits of someone who looks like `traits`' owner: the same but for one minor trait.
+
+    Returns (the look-alike's traits, the name of the trait that differs).
+    """
+    differs = MINOR_TRAITS[int(rng.integers(len(MINOR_TRAITS)))]
+    if differs == "eyes":
+        changed = tuple(int(c) for c in rng.integers(0, 140, size=3))
+    elif differs == "eye_spacing":
+        # At least 0.06 away, still inside identity_traits' range: a visible but small change.
+        low, high = 0.3, 0.55
+        options = [x for x in (traits.eye_spacing - rng.uniform(0.06, 0.12), traits.eye_spacing + rng.uniform(0.06, 0.12))
+                   if low <= x <= high]
+        changed = float(options[int(rng.integers(len(options)))] if options else (low + high) / 2)
+    elif differs == "glasses":
+        changed = not traits.glasses
+    else:
+        changed = tuple(int(c) for c in rng.integers(0, 255, size=3))
+    return replace(traits, **{differs: changed}), differs
+
+
+def trait_vector(traits: FaceTraits) -> np.ndarray:
+    """The traits as one vector with every component scaled to about 0..1, to measure how alike two people look."""
+    return np.concatenate([
+        np.asarray(traits.skin + traits.hair + traits.eyes + traits.background, dtype=np.float64) / 255.0,
+        [(traits.face_aspect - 1.05) / 0.45, (traits.eye_spacing - 0.3) / 0.25, (traits.hair_height - 0.15) / 0.3,
+         float(traits.glasses)],
+    ])
 
 
 def render_face(traits: FaceTraits, rng: np.random.Generator, size: int = 64) -> Image.Image:

@@ -2,7 +2,8 @@
 
 Steps (each through the same library functions the CLI calls):
 1. `world.make_world`: identities with made-up census names and face-like looks; half of them are
-   members, seen in training 1, 5, 10, 25, 50 or 75 times; everyone has held-out photos.
+   members, seen in training 1, 5, 10, 25, 50 or 75 times; half of the non-members are look-alikes or
+   namesakes of a member (`labels.csv` says whose); everyone has held-out photos.
 2. `training.train_clip_on_world`: a small open_clip model trained from scratch on the members' captioned
    photos plus caption noise, saved as an open_clip config JSON + checkpoint.
 3. `index.build.build_index` over the candidate names (everyone in the world plus made-up names, like
@@ -32,7 +33,14 @@ from ..model.load import ModelSpec
 from ..progress import Progress, no_progress
 from ..query.run import QueryConfig, QueryResult, run_query
 from .training import TrainConfig, TrainedModel, train_clip_on_world
-from .world import World, WorldConfig, make_world, write_heldout_faces, write_labels
+from .world import (
+    HardKind,
+    World,
+    WorldConfig,
+    make_world,
+    write_heldout_faces,
+    write_labels,
+)
 
 DEMO_MARKER = "demo.json"
 
@@ -49,7 +57,7 @@ class DemoConfig:
 # A small world for the tests: the same code, a fraction of the work (well under a minute on 2 cores).
 SMALL_DEMO = dict(
     world=WorldConfig(identities=60, occurrence_levels=(1, 10, 25), heldout_photos=12, noise_pairs=200),
-    train=TrainConfig(epochs=25, batch_size=128),
+    train=TrainConfig(epochs=25, batch_size=128, lr=2e-3),
     candidates=300,
 )
 
@@ -77,6 +85,16 @@ def _claim_workdir(work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
 
 
+def _padding_names(generated: list[str], world_names: list[str], seed: int) -> list[str]:
+    """The generated names left after the world's, less any a namesake took, topped up to as many again."""
+    taken = {n.casefold() for n in world_names}
+    padding = [n for n in generated if n.casefold() not in taken]
+    if len(padding) < len(generated):
+        padding += generate_names(len(generated) - len(padding), seed=seed + 1,
+                                  exclude=[*world_names, *generated]).names
+    return padding
+
+
 def run_demo(config: DemoConfig = DemoConfig(), progress: Progress = no_progress) -> DemoResult:
     work = Path(config.workdir)
     _claim_workdir(work)
@@ -87,17 +105,22 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: Progress = no_progress
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 
-    # 1. The world. The first names of the generated list are the world's people, the rest pad the
-    #    candidate set (made-up names nobody in the world has).
+    # 1. The world. The first names of the generated list are the world's people (a namesake's name is
+    #    then made of a member's name part and one of their own), the rest pad the candidate set
+    #    (made-up names nobody in the world has).
     generated = generate_names(config.candidates, seed=config.seed)
     world = make_world(world_config, generated.names[:world_config.identities],
                        [s.value for s in generated.sexes])
+    world_names = [p.name for p in world.identities]
+    padding = _padding_names(generated.names[world_config.identities:], world_names, config.seed)
+    hard_counts = {kind.value: len(world.hard_non_members(kind)) for kind in (HardKind.LOOKALIKE, HardKind.NAMESAKE)}
     (work / DEMO_MARKER).write_text(json.dumps({"seed": config.seed, "world": asdict(world_config),
-                                                "train": asdict(config.train), "candidates": config.candidates},
+                                                "train": asdict(config.train), "candidates": config.candidates,
+                                                "hard_non_members": hard_counts},
                                                indent=2, default=str) + "\n", encoding="utf-8")
     (work / "names.txt").write_text(f"# demo candidates: {world_config.identities} people of the world + "
                                     f"{config.candidates - world_config.identities} made-up names\n"
-                                    + "\n".join(generated.names) + "\n", encoding="utf-8")
+                                    + "\n".join([*world_names, *padding]) + "\n", encoding="utf-8")
     write_labels(world, work / "labels.csv")
     progress("write held-out photos", 0, 1)
     write_heldout_faces(world, work / "faces")

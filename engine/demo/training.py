@@ -37,12 +37,20 @@ DEMO_MODEL_CONFIG: dict = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    warmup_fraction: float = 0.05
-    seed: int = 0
+    """The demo's schedule: 12 epochs at a peak learning rate of 3e-3 (180 steps on the default world).
+
+    It was 30 epochs at 2e-3; on seed 0, 12 at 3e-3 still finds every member seen >= 10 times on their
+    32 held-out photos, in 40 % of the steps (the demo has to run in 2 minutes on a 2-core CPU and
+    training is most of it). 10 epochs at 4e-3, 8 epochs of batches of 128 at 3e-3, and 12 epochs with
+    half the shape captions all lost members seen 10-75 times.
+    """
+
+    epochs: int = 12  # passes over the training pairs
+    batch_size: int = 256  # pairs per step (the contrastive loss's negatives)
+    lr: float = 3e-3  # peak learning rate, reached after the warm-up
+    weight_decay: float = 0.1  # AdamW's, on every weight but the token embedding
+    warmup_fraction: float = 0.05  # share of the steps that ramp the learning rate up linearly
+    seed: int = 0  # initialisation and data order
     model_config: dict | None = None  # default: DEMO_MODEL_CONFIG
 
 

@@ -11,6 +11,12 @@ The world:
 - **members and non-members**: members appear in the training data, each with a number of
   *occurrences* (distinct training photos with a caption that names them), drawn from levels like the
   paper's CC3M experiment (1, 5, 10, 25, 50, 75); non-members never appear;
+- **hard non-members**: a share of the non-members are *look-alikes* of one member (the member's
+  traits but for one minor one: eye colour, eye spacing, glasses or usual background) and a share are
+  *namesakes* of one member (the member's first or last name, their own other name and their own
+  face). Without them every non-member scores 0 and no threshold shows a false positive; with them the
+  attack meets the two mistakes a real one meets: a face the model knows under another name, and a
+  name part the model learned from someone else;
 - **captions**: the member's name in varied caption templates (some of the attack's 21 templates, some
   news-style captions the attack never uses), plus captions without a person ("a red square on a blue
   background") paired with pictures of shapes, as caption noise;
@@ -24,13 +30,18 @@ membership, byte for byte.
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .faces import identity_traits, render_face
+from ..errors import InputError
+from .faces import FaceTraits, identity_traits, lookalike_traits, render_face
+
+log = logging.getLogger(__name__)
 
 # Captions used in training. Some are among the attack's 21 templates, the others are not: a real
 # model sees its people in captions that nobody writes as attack prompts.
@@ -64,15 +75,27 @@ class WorldConfig:
     heldout_photos: int = 32  # per identity, never trained on (the attack uses these)
     noise_pairs: int = 1000  # image-caption pairs without a person
     image_size: int = 48  # rendered photo size in pixels (the model resizes to its own input size)
+    lookalike_fraction: float = 0.25  # share of the non-members who look like one member (one minor trait differs)
+    namesake_fraction: float = 0.25  # share of the non-members who share a first or last name with one member
     seed: int = 0
+
+
+class HardKind(str, Enum):
+    """Why a non-member is hard to tell from a member (the labels file's `hard_kind` column)."""
+
+    NONE = ""  # a member, or a non-member unlike every member
+    LOOKALIKE = "lookalike"  # a member's face but for one minor trait, under another name
+    NAMESAKE = "namesake"  # a member's first or last name, with a face of their own
 
 
 @dataclass(frozen=True)
 class Identity:
-    name: str
+    name: str  # "First Last"
     sex: str  # "female" / "male", as the census list gives it
-    member: bool
+    member: bool  # named in training captions
     occurrences: int  # training photos that name this person (0 for non-members)
+    hard_kind: HardKind = HardKind.NONE  # for a non-member: look-alike or namesake of a member, or neither
+    hard_of: int | None = None  # index (into World.identities) of the member they resemble or share a name with
 
 
 @dataclass(frozen=True)
@@ -86,32 +109,37 @@ class TrainingPair:
 
 @dataclass(frozen=True)
 class World:
-    config: WorldConfig
-    identities: list[Identity]
-    training_pairs: list[TrainingPair] = field(repr=False)
+    config: WorldConfig  # what the world was made from
+    identities: list[Identity]  # everyone, members and non-members
+    training_pairs: list[TrainingPair] = field(repr=False)  # the training data: members' photos and shape noise
+    traits: list[FaceTraits] = field(repr=False, default_factory=list)  # identities[i]'s look is traits[i]
 
     @property
     def members(self) -> list[Identity]:
         return [p for p in self.identities if p.member]
 
+    def hard_non_members(self, kind: HardKind) -> list[Identity]:
+        return [p for p in self.identities if p.hard_kind is kind]
+
     def render_training_image(self, pair: TrainingPair) -> Image.Image:
         size = self.config.image_size
         if pair.identity is None:
             return render_shape_picture(pair.caption, np.random.default_rng(pair.photo_seed), size)
-        traits = identity_traits(np.random.default_rng([self.config.seed, 1, pair.identity]))
-        return render_face(traits, np.random.default_rng(pair.photo_seed), size)
+        return render_face(self.traits[pair.identity], np.random.default_rng(pair.photo_seed), size)
 
     def render_heldout_photo(self, identity: int, j: int) -> Image.Image:
         """Photo j of an identity; stream 3 of the seed, so it never equals a training photo."""
-        traits = identity_traits(np.random.default_rng([self.config.seed, 1, identity]))
-        return render_face(traits, np.random.default_rng([self.config.seed, 3, identity, j]), self.config.image_size)
+        return render_face(self.traits[identity], np.random.default_rng([self.config.seed, 3, identity, j]),
+                           self.config.image_size)
 
 
 def make_world(config: WorldConfig = WorldConfig(), candidate_names: list[str] | None = None,
                sexes: list[str] | None = None) -> World:
     """Draw identities, membership, occurrences and the training captions for `config.seed`.
 
-    Names come from `engine.candidates.made_up.generate_names` unless given (with their sexes).
+    Names come from `engine.candidates.made_up.generate_names` unless given (with their sexes). A
+    namesake's name is made from the given ones (a member's name part and one of their own), so the
+    world's names are not all among `candidate_names`: use `World.identities` for the names.
     """
     _check_config(config)
     if candidate_names is None:
@@ -133,6 +161,8 @@ def make_world(config: WorldConfig = WorldConfig(), candidate_names: list[str] |
                    for i, p in enumerate(shuffled_members)}
     identities = [Identity(candidate_names[i], sexes[i], i in member_ids, occurrences.get(i, 0))
                   for i in range(config.identities)]
+    traits = [identity_traits(np.random.default_rng([config.seed, 1, i])) for i in range(config.identities)]
+    _make_hard_non_members(config, identities, traits)
 
     pairs: list[TrainingPair] = []
     for i, person in enumerate(identities):
@@ -142,7 +172,54 @@ def make_world(config: WorldConfig = WorldConfig(), candidate_names: list[str] |
     for j in range(config.noise_pairs):
         pair_rng = np.random.default_rng([config.seed, 4, j])
         pairs.append(TrainingPair(shape_caption(pair_rng), None, (config.seed, 5, j)))
-    return World(config, identities, pairs)
+    return World(config, identities, pairs, traits)
+
+
+def _make_hard_non_members(config: WorldConfig, identities: list[Identity], traits: list[FaceTraits]) -> None:
+    """Turn shares of the non-members into look-alikes and namesakes of members, in place.
+
+    Its own random stream (6), so membership, occurrences and captions are those of a world without them.
+    A look-alike keeps their name and takes a member's traits with one minor trait changed; a namesake
+    keeps their face and takes a member's first name (and sex) or last name. Each picks a different member.
+    """
+    rng = np.random.default_rng([config.seed, 6])
+    members = [i for i, p in enumerate(identities) if p.member]
+    non_members = rng.permutation([i for i, p in enumerate(identities) if not p.member]).tolist()
+    n_lookalikes = round(len(non_members) * config.lookalike_fraction)
+    n_namesakes = round(len(non_members) * config.namesake_fraction)
+    lookalikes, namesakes = non_members[:n_lookalikes], non_members[n_lookalikes:n_lookalikes + n_namesakes]
+
+    for i, of in zip(lookalikes, _pick_members(rng, members, len(lookalikes))):
+        traits[i], _ = lookalike_traits(traits[of], np.random.default_rng([config.seed, 7, i]))
+        identities[i] = Identity(identities[i].name, identities[i].sex, False, 0, HardKind.LOOKALIKE, of)
+
+    taken = {p.name.casefold() for p in identities}
+    for i in namesakes:
+        own_first, own_last = identities[i].name.split(" ", 1)
+        # The first member whose name part makes a name nobody in the world has yet.
+        for of in _pick_members(rng, members, len(members)):
+            first, last = identities[of].name.split(" ", 1)
+            share_first = bool(rng.random() < 0.5)
+            options = [(f"{first} {own_last}", identities[of].sex), (f"{own_first} {last}", identities[i].sex)]
+            if not share_first:
+                options.reverse()
+            fresh = [(name, sex) for name, sex in options if name.casefold() not in taken]
+            if fresh:
+                name, sex = fresh[0]
+                taken.add(name.casefold())
+                identities[i] = Identity(name, sex, False, 0, HardKind.NAMESAKE, of)
+                break
+        else:
+            log.warning("no member's name part gives %s a new name: they stay an ordinary non-member",
+                        identities[i].name)
+
+
+def _pick_members(rng: np.random.Generator, members: list[int], count: int) -> list[int]:
+    """`count` members, each at most once while there are enough of them."""
+    picks: list[int] = []
+    while len(picks) < count:
+        picks.extend(rng.permutation(members)[:count - len(picks)].tolist())
+    return picks
 
 
 def _check_config(config: WorldConfig) -> None:
@@ -154,6 +231,10 @@ def _check_config(config: WorldConfig) -> None:
         raise ValueError(f"occurrence levels must be >= 1, got {config.occurrence_levels}")
     if config.heldout_photos < 1:
         raise ValueError(f"heldout_photos must be >= 1, got {config.heldout_photos}")
+    fractions = (config.lookalike_fraction, config.namesake_fraction)
+    if min(fractions) < 0 or sum(fractions) > 1:
+        raise InputError(f"lookalike_fraction and namesake_fraction must be >= 0 and add up to at most 1, "
+                         f"got {config.lookalike_fraction} and {config.namesake_fraction}")
 
 
 def shape_caption(rng: np.random.Generator) -> str:
@@ -206,16 +287,23 @@ def write_heldout_faces(world: World, folder: Path) -> dict[str, list[Path]]:
         paths = []
         for j in range(world.config.heldout_photos):
             path = person_dir / f"{j:03d}.png"
-            world.render_heldout_photo(i, j).save(path)
+            # Fast zlib level: 6,400 photos save ~25 % faster than at the default level, for 3 % more bytes.
+            world.render_heldout_photo(i, j).save(path, compress_level=1)
             paths.append(path)
         out[person.name] = paths
     return out
 
 
 def write_labels(world: World, path: Path) -> None:
-    """labels.csv: name,member,occurrences (ground truth: exactly who was in the training captions)."""
+    """labels.csv: name,member,occurrences,hard_kind,of (ground truth: exactly who was in the training captions).
+
+    hard_kind is lookalike / namesake / empty, `of` the member a hard non-member resembles or shares a
+    name with. The labels reader (`engine/query/labels.py`) reads name, member and occurrences and
+    ignores further columns, so query and evaluate read this file as any user's labels.
+    """
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["name", "member", "occurrences"])
+        w.writerow(["name", "member", "occurrences", "hard_kind", "of"])
         for person in world.identities:
-            w.writerow([person.name, int(person.member), person.occurrences])
+            of = world.identities[person.hard_of].name if person.hard_of is not None else ""
+            w.writerow([person.name, int(person.member), person.occurrences, person.hard_kind.value, of])
