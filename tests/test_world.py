@@ -226,3 +226,41 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--small", "--workdir", str(tmp_path), "--quiet"])
     assert result.exit_code == 2
     assert "demo.json" in result.output and (tmp_path / "precious.txt").read_text(encoding="utf-8") == "keep me"
+
+
+@pytest.mark.slow
+def test_compare_sees_a_model_that_forgot_members(small_demo, tmp_path):
+    """Before/after: the demo's model, and the same world trained without the members seen 25 times (as if
+    they had opted out). `compare` must show exactly those people losing their scores and flipping."""
+    from idia_engine.engine.candidates.made_up import generate_names
+    from idia_engine.engine.compare.run import CompareConfig, compare_reports
+    from idia_engine.engine.index.build import BuildConfig, build_index
+    from idia_engine.engine.model.load import ModelSpec
+    from idia_engine.engine.query.run import QueryConfig, run_query
+
+    work, _ = small_demo
+    demo = json.loads((work / "demo.json").read_text())
+    world_config = replace(SMALL_WORLD, seed=demo["seed"])
+    generated = generate_names(demo["candidates"], seed=demo["seed"])
+    world = make_world(world_config, generated.names[:world_config.identities], [s.value for s in generated.sexes])
+    forgotten = {i for i, p in enumerate(world.identities) if p.member and p.occurrences == 25}
+    assert len(forgotten) >= 5
+    opted_out = replace(world, training_pairs=[p for p in world.training_pairs if p.identity not in forgotten])
+    model = train_clip_on_world(opted_out, tmp_path / "model", replace(SMALL_DEMO["train"], seed=demo["seed"]))
+    spec = ModelSpec(str(model.config_path), str(model.checkpoint_path))
+    build_index(BuildConfig(names_file=work / "names.txt", index_dir=tmp_path / "index", model=spec))
+    run_query(QueryConfig(index_dir=tmp_path / "index", faces_dir=work / "faces", out_dir=tmp_path / "after",
+                          labels_file=work / "labels.csv", seed=demo["seed"]))
+    c = compare_reports([work / "report", tmp_path / "after"],
+                        CompareConfig(out_dir=tmp_path / "cmp", bootstrap_resamples=200)).comparison
+    with open(tmp_path / "cmp" / "persons.csv", newline="", encoding="utf-8") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    gone = [world.identities[i].name for i in forgotten]
+    kept = [p.name for i, p in enumerate(world.identities) if p.member and p.occurrences >= 10 and i not in forgotten]
+    change = {n: int(r["change_after"]) for n, r in rows.items()}
+    assert np.mean([change[n] for n in gone]) <= -3, {n: change[n] for n in gone}
+    assert sum(rows[n]["flipped_after"] == "member -> non-member" for n in gone) >= 0.8 * len(gone)
+    assert np.mean([change[n] for n in gone]) < np.mean([change[n] for n in kept]) - 2
+    members = c["pairs"][0]["groups"]["members"]
+    assert members["decisions"]["member_to_non_member"] >= 0.8 * len(gone)
+    assert members["scores"]["paper"]["p_value"] < 0.05
