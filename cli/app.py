@@ -19,7 +19,6 @@ import typer
 from idia_engine.engine.errors import IdiaError
 from idia_engine.engine.model.load import DEFAULT_MODEL, DEFAULT_PRETRAINED, DeviceChoice, ModelSpec, Precision
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -31,8 +30,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-out = Console()
+# No markup on either console: what they print holds the user's paths, names and notes ("out[/x]", "[bold]"),
+# which rich would otherwise read as tags (and crash on, after the work is done). Styles are given as Text.
+err = Console(stderr=True, markup=False)
+out = Console(markup=False)
 
 
 class _OneLineHandler(logging.Handler):
@@ -73,7 +74,7 @@ def _progress_bars(enabled: bool) -> Iterator:
     if not enabled:
         yield lambda stage, done, total: None
         return
-    bars = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    bars = Progress(TextColumn("{task.description:<22}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=err, transient=False)
     tasks: dict[str, int] = {}
 
@@ -96,7 +97,7 @@ def _errors_to_exit() -> Iterator[None]:
                   highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: committed work is kept; rerun the same command to resume")
+        err.print(Text.assemble(("interrupted", "bold red"), ": committed work is kept; rerun the same command to resume"))
         raise typer.Exit(130) from None
 
 
@@ -146,9 +147,10 @@ def build_index_cmd(
         with _progress_bars(not quiet) as progress:
             manifest = build_index(config, progress)
     enc = manifest.encode
-    out.print(f"index written to [bold]{index_dir}[/]: {manifest.num_names} names x {manifest.num_templates} templates, "
-              f"dim {manifest.embedding_dim}, {manifest.index_kind} index; {enc['prompts']} prompts in {enc['seconds']} s "
-              f"on {enc['device']} ({enc['precision']})", highlight=False)
+    out.print(Text.assemble("index written to ", (str(index_dir), "bold"),
+                            f": {manifest.num_names} names x {manifest.num_templates} templates, "
+                            f"dim {manifest.embedding_dim}, {manifest.index_kind} index; {enc['prompts']} prompts in "
+                            f"{enc['seconds']} s on {enc['device']} ({enc['precision']})"), highlight=False)
     if manifest.duplicates_dropped:
         out.print(f"{manifest.duplicates_dropped} duplicate name(s) dropped (first occurrence kept)")
 
@@ -269,7 +271,8 @@ def _print_query_summary(summary: dict, run: dict, out_dir: Path) -> None:
             table.add_column(col, justify="right")
         table.add_row(*[_fmt(m[k]) for k in ("TP", "FP", "TN", "FN", "TPR", "FPR", "accuracy", "precision")])
         out.print(table)
-    out.print(f"report: [bold]{out_dir}[/] (persons.csv, modes.csv, predictions/, summary.json)", highlight=False)
+    out.print(Text.assemble("report: ", (str(out_dir), "bold"), " (persons.csv, modes.csv, predictions/, summary.json)"),
+              highlight=False)
 
 
 @app.command("demo")
@@ -283,6 +286,7 @@ def demo_cmd(
 ) -> None:
     """Offline: make a synthetic world, train a small CLIP that knows its members, and run the attack on it."""
     from idia_engine.engine.demo.run import SMALL_DEMO, DemoConfig, run_demo
+    from idia_engine.engine.demo.world import HardKind
 
     _setup_logging(verbose)
     with _errors_to_exit():
@@ -290,16 +294,19 @@ def demo_cmd(
             result = run_demo(DemoConfig(workdir=workdir, seed=seed, **(SMALL_DEMO if small else {})), progress)
     world = result.world
     members = world.members
-    out.print(f"[bold]world[/]: {len(world.identities)} people ({len(members)} members seen in training "
+    out.print(Text.assemble(("world", "bold"), f": {len(world.identities)} people ({len(members)} members seen in training "
               f"{', '.join(str(o) for o in world.config.occurrence_levels)} times; the others never), "
+              f"{len(world.hard_non_members(HardKind.LOOKALIKE))} non-members look like a member and "
+              f"{len(world.hard_non_members(HardKind.NAMESAKE))} share a name part with one; "
               f"{world.config.heldout_photos} held-out photos each; {result.index.num_names} candidate names; "
               f"a CLIP trained from scratch on {result.model.pairs} captioned images "
-              f"in {result.seconds['train']:.0f} s", highlight=False)
+              f"in {result.seconds['train']:.0f} s"), highlight=False)
     _print_query_summary(result.query.summary, result.query.run, result.query.out_dir)
     _print_occurrence_table(result.evaluation.metrics)
     print_evaluation(result.evaluation.metrics, result.evaluation.out_dir)
     out.print("seconds: " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in result.seconds.items()), highlight=False)
-    out.print(f"open [bold]{result.evaluation.out_dir / 'report.html'}[/] for the plots", highlight=False)
+    out.print(Text.assemble("open ", (str(result.evaluation.out_dir / "report.html"), "bold"), " for the plots"),
+              highlight=False)
 
 
 def _print_occurrence_table(metrics: dict) -> None:
@@ -381,9 +388,18 @@ def print_evaluation(metrics: dict, out_dir: Path) -> None:
         for name, full in scores["full"].items():
             table.add_row(name, _with_interval(full["AUC"]), *[_with_interval(full["TPR_at_FPR"][k]) for k in keys])
         out.print(table)
+        for key, where in (("best_at_lowest_fpr", "the lowest these non-members resolve"), ("best_at_zero_fpr", "")):
+            best = scores.get(key)
+            if best:
+                tprs = ", ".join(f"{k} {_fmt(v)}" for k, v in best["TPR"].items())
+                verdict = (f"{best['best']} (not the paper's) beats paper mode there" if best["beats_paper"]
+                           else "no continuous score beats paper mode there")
+                out.print(f"at FPR <= {best['FPR']:g}{', ' + where if where else ''}: TPR {tprs}; {verdict}",
+                          markup=False, highlight=False)
     for note in metrics.get("notes", []):
         out.print(f"note: {note}", markup=False, highlight=False)  # notes hold names: never markup
-    out.print(f"evaluation: [bold]{escape(str(out_dir))}[/] (report.html, metrics.json, CSVs, PNGs)", highlight=False)
+    out.print(Text.assemble("evaluation: ", (str(out_dir), "bold"), " (report.html, metrics.json, CSVs, PNGs)"),
+              highlight=False)
 
 
 def _with_interval(entry: dict) -> str:
@@ -439,8 +455,8 @@ def print_comparison(comparison: dict, out_dir: Path) -> None:
     out.print(table)
     for note in comparison.get("notes", []):
         out.print(f"note: {note}", markup=False, highlight=False)  # notes hold names and paths: never markup
-    out.print(f"comparison: [bold]{escape(str(out_dir))}[/] (comparison.html, comparison.json, persons.csv, PNGs)",
-              highlight=False)
+    out.print(Text.assemble("comparison: ", (str(out_dir), "bold"),
+                            " (comparison.html, comparison.json, persons.csv, PNGs)"), highlight=False)
 
 
 @app.command("labels")
@@ -531,7 +547,7 @@ def bench_cmd(
         with _progress_bars(not quiet) as progress:
             result = bench.run_bench(config, progress=progress)
     out.print(Markdown(bench.markdown_table(result)))
-    out.print(f"results: {config.out}")
+    out.print(f"results: {config.out}", highlight=False)
 
 
 @app.command("names")
@@ -561,8 +577,9 @@ def names_cmd(
     gen = result.generated
     per_sex = gen.per_sex
     excluded = f"; {gen.excluded:,} name(s) of {exclude} were in the pool and are left out" if exclude is not None else ""
-    out.print(f"{gen.count:,} made-up names ({per_sex['female']:,} female, {per_sex['male']:,} male) "
-              f"in {result.seconds:.2f} s -> [bold]{result.path}[/]{excluded}", highlight=False, soft_wrap=True)
+    out.print(Text.assemble(f"{gen.count:,} made-up names ({per_sex['female']:,} female, {per_sex['male']:,} male) "
+                            f"in {result.seconds:.2f} s -> ", (str(result.path), "bold"), excluded),
+              highlight=False, soft_wrap=True)
 
 
 def main() -> int:

@@ -618,7 +618,7 @@ def test_full_report_rates_carry_clopper_pearson_intervals(hand_metrics):
     row = by_n(hand_metrics, 3)  # every draw is all images: the interval is that of the counts
     assert row["intervals"]["FPR"]["n"] == 1 and row["intervals"]["FPR"]["low"] == approx(0.025)
     assert any("1 of 2 non-members: FPR = 50 %" in note for note in hand_metrics["notes"])
-    assert any("is not estimable from 2 non-members" in note for note in hand_metrics["notes"])
+    assert any("cannot be backed by 2 non-members" in note for note in hand_metrics["notes"])
 
 
 def test_scores_side_by_side(hand_metrics):

@@ -46,7 +46,7 @@ def test_the_sentences_say_what_the_population_can_show():
     assert rate_sentence("FPR", 0, 0, "non-members") == "no non-members: FPR is undefined"
     # with 100 non-members neither 1 % nor 0.1 % can be shown; 0 is no target (FPR = 0 is never provable)
     sentences = low_fpr_sentences(100, (0.01, 0.001, 0.0))
-    assert len(sentences) == 2 and "from 100 non-members" in sentences[0] and "FPR <= 3.6 %" in sentences[0]
+    assert len(sentences) == 2 and "backed by 100 non-members" in sentences[0] and "FPR <= 3.6 %" in sentences[0]
     needed = int(sentences[0].split("at least ")[1].split()[0])
     assert clopper_pearson(0, needed).high <= 0.01 < clopper_pearson(0, needed - 1).high
     assert low_fpr_sentences(needed, (0.01,)) == []

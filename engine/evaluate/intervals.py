@@ -127,7 +127,7 @@ def low_fpr_sentences(non_members: int, targets: tuple[float, ...], confidence: 
     if bound is None:
         return []
     needed = {t: _non_members_needed(t, confidence) for t in targets if 0 < t < bound}
-    return [f"TPR at FPR <= {_percent(t)} is not estimable from {non_members} non-members: even 0 false positives "
+    return [f"TPR at FPR <= {_percent(t)} cannot be backed by {non_members} non-members: even 0 false positives "
             f"only show FPR <= {_percent(bound)} at {100 * confidence:g} %; showing FPR <= {_percent(t)} takes at "
             f"least {n} non-members with 0 false positives" for t, n in needed.items()]
 

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..disk.atomic import staged_directory, write_json_atomic
+from ..disk.atomic import check_swappable, staged_directory, write_json_atomic
+from ..disk.textfiles import check_finite_number, check_whole_number
 from ..disk.versions import library_versions, utc_now
 from ..errors import ArtifactExistsError, InputError
 from ..progress import Progress, no_progress
@@ -89,6 +90,11 @@ METRICS_FILE = "metrics.json"
 PERSON_SCORES_CSV = "person_scores.csv"
 
 
+MAX_DRAWS = 100_000  # draws per n
+MAX_RESAMPLES = 1_000_000  # bootstrap resamples per interval
+MAX_N_VALUES = 10_000  # distinct n of one sweep
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Everything `evaluate_report` needs besides the report and the labels."""
@@ -113,17 +119,26 @@ class EvalConfig:
         bad = [n for n in n_values if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1]
         if bad:
             raise InputError(f"n (images per person) must be whole numbers >= 1, got {bad[0]!r}")
-        checks = [("draws", self.draws, 1), ("headline n", self.headline_n, 1), ("seed", self.seed, 0),
-                  ("max occurrence bins", self.max_occurrence_bins, 1),
-                  ("bootstrap resamples", self.bootstrap_resamples, 100)]
-        for what, value, low in checks:
-            if value < low:
-                raise InputError(f"{what} must be >= {low}, got {value}")
+        if len(set(n_values)) > MAX_N_VALUES:
+            raise InputError(f"--n lists {len(set(n_values))} values of n; at most {MAX_N_VALUES} (each is a "
+                             "sweep of every draw)")
+        # (option, value, lowest, highest or None, why the cap): the caps bound work the user chooses.
+        checks = [("--draws", self.draws, 1, MAX_DRAWS, "each draw re-votes every person at every n"),
+                  ("--headline-n", self.headline_n, 1, None, ""), ("--seed", self.seed, 0, None, ""),
+                  ("--tau", self.tau, 1, None, ""), ("max occurrence bins", self.max_occurrence_bins, 1, None, ""),
+                  ("bootstrap resamples", self.bootstrap_resamples, 100, MAX_RESAMPLES,
+                   "each resample recomputes every interval")]
+        for option, value, low, high, why in checks:
+            check_whole_number(option, value, low, high, why)
+        check_finite_number("confidence", self.confidence, valid="in [0.5, 1), e.g. 0.95")
         if not 0.5 <= self.confidence < 1:
             raise InputError(f"confidence must be in [0.5, 1), e.g. 0.95, got {self.confidence!r}")
         for target in self.low_fpr_targets:
+            check_finite_number("low-FPR target", target, valid="in [0, 1)")
             if not 0 <= target < 1:
                 raise InputError(f"low-FPR target {target!r} must be in [0, 1)")
+        if self.out_dir is not None:
+            check_swappable(Path(self.out_dir), "--out")
 
     @property
     def sorted_n_values(self) -> tuple[int, ...]:

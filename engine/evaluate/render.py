@@ -439,14 +439,15 @@ def _scores_paragraph(metrics: dict) -> str:
     section = metrics["scores"]
     items = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>"
                     for name, text in section["definitions"].items())
-    best = section.get("best_at_lowest_fpr")
     verdict = ""
-    if best:
-        tprs = ", ".join(f"{k} {_format_value(v)}" for k, v in best["TPR"].items())
-        verdict = (f"<p>At FPR ≤ {best['FPR']:.3g} (the lowest this population can estimate), TPR: "
-                   f"{html.escape(tprs)}. " + (f"{html.escape(best['best'])} beats paper mode there."
-                                                if best["beats_paper"] else "No continuous score beats paper mode "
-                                                "there.") + "</p>")
+    for key, where in (("best_at_lowest_fpr", " (the lowest this population resolves: one false positive)"),
+                       ("best_at_zero_fpr", "")):
+        best = section.get(key)
+        if best:
+            tprs = ", ".join(f"{k} {_format_value(v)}" for k, v in best["TPR"].items())
+            verdict += (f"<p>At FPR ≤ {best['FPR']:.3g}{where}, TPR: {html.escape(tprs)}. "
+                        + (f"{html.escape(best['best'])} (not the paper's) beats paper mode there."
+                           if best["beats_paper"] else "No continuous score beats paper mode there.") + "</p>")
     censored = section["censoring"]["margin_pairs_censored"]
     censoring = ("" if censored is None else
                  f"<p class=\"muted\">margin: {100 * censored:.1f} % of (photo, template) pairs have the true name "

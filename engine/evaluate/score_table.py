@@ -4,8 +4,8 @@ with bootstrap intervals over persons on the full report and mean +- std over dr
 metrics.json "scores": definitions (what each score is, which are not the paper's); censoring (how much of
 the margin is an upper bound); full {score: {AUC {value, low, high}, TPR_at_FPR {target: {value, low,
 high}}, roc [{threshold, FPR, TPR}]}}; headline {n, draws, score: {AUC, TPR_at_FPR} as {"mean", "std"}};
-interval (confidence and method); best_at_lowest_fpr (which score has the highest TPR at the lowest FPR
-the population can estimate, against paper mode).
+interval (confidence and method); best_at_lowest_fpr and best_at_zero_fpr (which score has the highest
+TPR at the lowest FPR the population resolves, 1 / non-members, and at FPR = 0, against paper mode).
 """
 
 from __future__ import annotations
@@ -98,10 +98,13 @@ def _lowest_estimable_fpr(non_members: int, targets: tuple[float, ...]) -> float
     return min(resolvable) if resolvable else 1 / non_members
 
 
-def _best_at_lowest_fpr(pop: Population, scores: dict[str, np.ndarray], config: EvalConfig) -> dict | None:
-    """Which score has the highest TPR at the lowest FPR the population can estimate (paper mode included)."""
-    target = _lowest_estimable_fpr(int((~pop.members).sum()), config.low_fpr_targets)
-    if target is None or not pop.members.any():
+def _best_at_lowest_fpr(pop: Population, scores: dict[str, np.ndarray], config: EvalConfig,
+                        target: float | None = None) -> dict | None:
+    """Which score has the highest TPR at FPR <= target (paper mode included); target None = the lowest FPR
+    the population resolves (one false positive, 1 / non-members)."""
+    if target is None:
+        target = _lowest_estimable_fpr(int((~pop.members).sum()), config.low_fpr_targets)
+    if target is None or not pop.members.any() or pop.members.all():
         return None
     tprs = {name: tpr_at_fpr(values, pop.members, target) for name, values in scores.items()}
     best = max(SCORE_NAMES, key=lambda name: (tprs[name], name == "paper"))  # a tie goes to paper mode
@@ -143,6 +146,7 @@ def scores_section(pop: Population, headline_n: int | None, config: EvalConfig) 
         "full": full,
         "headline": headline,
         "best_at_lowest_fpr": _best_at_lowest_fpr(pop, full_scores, config),
+        "best_at_zero_fpr": _best_at_lowest_fpr(pop, full_scores, config, 0.0),
     }
 
 
