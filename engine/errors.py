@@ -53,3 +53,7 @@ class ManifestMismatchError(ArtifactError):
 
 class NameDataError(IdiaError):
     """The census name lists of the `names` package are missing or unreadable (a broken install)."""
+
+
+class DiskFullError(IdiaError):
+    """The disk (or quota) under an output ran out of space; the message says where and how much is free."""
