@@ -144,6 +144,22 @@ def test_a_tokenizer_without_token_counts_is_skipped_with_a_reason():
     assert report.warning_lines() == [f"prompt lengths not checked: {report.skipped_reason}"]
 
 
+def test_names_added_later_are_checked_against_the_earlier_ones(tiny_model):
+    """Query's names added for a run: only they are reported, and a collision counts when one of them is in it."""
+    long = " ".join(["Anna"] * 30)
+    index_names = tiny_names(10, seed=3) + [long + " Smith", long + " Brown"]  # cut and colliding at build time
+    added = ["Mei Kim", long + " Jones"]
+    report = check_prompt_lengths(tiny_model.tokenizer, TEMPLATES, index_names + added, 32,
+                                  checked_before=len(index_names))
+    assert report.names_checked == 2 and report.truncated_names == 1
+    assert [e.name for e in report.examples] == [long + " Jones"]
+    assert report.collision_groups == len(TEMPLATES)  # the added name joins the index's group in every template
+    assert set(report.collisions[0].names) == {long + " Smith", long + " Brown", long + " Jones"}
+    alone = check_prompt_lengths(tiny_model.tokenizer, TEMPLATES, index_names + ["Mei Kim"], 32,
+                                 checked_before=len(index_names))
+    assert alone.truncated_names == 0 and alone.collision_groups == 0 and alone.warning_lines() == []
+
+
 def test_case_twins_only_for_a_lower_casing_tokenizer():
     from idia_engine.engine.candidates.prompt_lengths import case_twins
 

@@ -106,16 +106,18 @@ class PromptLengthReport:
         }
 
 
-def check_prompt_lengths(tokenizer, templates: list[str], names: list[str], context_length: int
-                         ) -> PromptLengthReport:
+def check_prompt_lengths(tokenizer, templates: list[str], names: list[str], context_length: int,
+                         checked_before: int = 0) -> PromptLengthReport:
     """Find the (template, name) prompts longer than `context_length` tokens and the names they make collide.
 
     `templates` are normalised (one `{0}` placeholder); `names` are NFC. Only prompts whose byte bound
     reaches the context are tokenised (see the module docstring); 10^6 typical names cost a second.
+    `checked_before`: the first names were checked already (an index's, at build time; query adds names
+    after them): only the later names are reported as cut, and only collisions that involve one of them.
     """
     t0 = time.perf_counter()
     templates = list(templates)
-    report = PromptLengthReport(context_length=int(context_length), names_checked=len(names),
+    report = PromptLengthReport(context_length=int(context_length), names_checked=len(names) - checked_before,
                                 templates_checked=len(templates), method="skipped",
                                 truncated_per_template=[0] * len(templates))
     plan = _template_token_plan(tokenizer, templates)
@@ -131,14 +133,14 @@ def check_prompt_lengths(tokenizer, templates: list[str], names: list[str], cont
     groups: dict[tuple[int, tuple], set[int]] = defaultdict(set)  # (template, cut ids) -> name ids
     for t, template in enumerate(templates):
         candidates = np.nonzero(bound + fixed[t] >= context_length)[0]
-        if not len(candidates):
+        if not len(candidates) or candidates[-1] < checked_before:  # no later name can fill the context here
             continue
         prompts = [render(template, names[i]) for i in candidates]
         lengths = exact_length(prompts)
         report.prompts_tokenized += len(prompts)
         full = [(int(i), p, n) for i, p, n in zip(candidates, prompts, lengths) if n >= context_length]
         for i, _, n in full:
-            if n > context_length:
+            if n > context_length and i >= checked_before:
                 report.truncated_prompts += 1
                 report.truncated_per_template[t] += 1
                 if i not in longest or n > longest[i][0]:
@@ -155,7 +157,7 @@ def check_prompt_lengths(tokenizer, templates: list[str], names: list[str], cont
         counts = report.truncated_per_template  # per template, the names it cuts (one prompt per name)
         worst = max(range(len(templates)), key=lambda t: (counts[t], -t))
         report.worst_template, report.worst_template_names = templates[worst], counts[worst]
-    colliding = [(t, sorted(ids)) for (t, _), ids in groups.items() if len(ids) > 1]
+    colliding = [(t, sorted(ids)) for (t, _), ids in groups.items() if len(ids) > 1 and max(ids) >= checked_before]
     colliding.sort(key=lambda g: (g[0], g[1][0]))
     report.collision_groups = len(colliding)
     report.collisions = [Collision(templates[t], tuple(names[i] for i in ids)) for t, ids in colliding[:_MAX_EXAMPLES]]
@@ -232,7 +234,8 @@ def _template_token_plan(tokenizer, templates: list[str]):
 def case_twins(tokenizer: Callable, names: list[str]) -> list[tuple[str, str]]:
     """Pairs (first, later) of distinct names that differ only in letter case, when the tokenizer
     lower-cases (open_clip's SimpleTokenizer does): their prompts are then the same token ids, so the two
-    names get identical embeddings and tie on every image. Empty for a case-sensitive tokenizer."""
+    names get identical embeddings and tie on every image. Empty for a case-sensitive tokenizer.
+    `identity.NameTokens.twins` finds these and every other spelling with the same tokens."""
     try:
         lower_cases = bool((tokenizer(["Ab Cd"]) == tokenizer(["ab cd"])).all())
     except Exception:  # noqa: BLE001 - a tokenizer we cannot probe: no claim either way
