@@ -193,7 +193,10 @@ def _search_params(items: list[str] | None) -> dict | None:
         try:
             if not sep or not key:
                 raise ValueError
-            params[key.strip()] = float(value) if "." in value else int(value)
+            number = float(value) if "." in value else int(value)
+            if not math.isfinite(number):  # 1.0e999 parses as inf
+                raise ValueError
+            params[key.strip()] = number
         except ValueError:
             raise InputError(f"--search-param must look like nprobe=64 or efSearch=128, got {item!r}") from None
     return params or None
@@ -248,6 +251,27 @@ def query_cmd(
         with _progress_bars(not quiet) as progress:
             result = run_query(config, progress)
     _print_query_summary(result.summary, result.run, out_dir)
+
+
+def _check_outputs_beside_reports(out_dir: Path, reports: list[Path]) -> None:
+    """Refuse an evaluate/compare output that is a report or holds one, or lies in (or holds) the faces
+    folder a report was made from: the next query would read it as a person, or its swap delete the photos.
+    A report that cannot be read is left to the library, which says why in its own words."""
+    from idia_engine.engine.disk.atomic import check_output_placement
+    from idia_engine.engine.disk.textfiles import read_artifact_json
+    from idia_engine.engine.errors import IdiaError
+    from idia_engine.engine.query.report import REPORT_ARTIFACT, REPORT_SCHEMA_VERSION, SUMMARY
+
+    faces = []
+    for report in reports:
+        try:
+            summary = read_artifact_json(Path(report) / SUMMARY, REPORT_ARTIFACT, REPORT_SCHEMA_VERSION, "")
+        except IdiaError:
+            continue
+        source = (summary.get("parameters") or {}).get("source")
+        if isinstance(source, str) and source and Path(source).is_dir():
+            faces.append((f"faces folder of report {report}", Path(source)))
+    check_output_placement(out_dir, "--out", faces, reports=reports)
 
 
 def _fmt(x) -> str:
@@ -345,12 +369,13 @@ def evaluate_cmd(
 ) -> None:
     """The paper's evaluation protocol from a report's cached predictions: rates per n with intervals, ROC, AUC,
     TPR at low FPR, continuous scores beside paper mode, a model card and a per-person drill-down."""
-    from idia_engine.engine.evaluate.protocol import PAPER_N_VALUES, EvalConfig, evaluate_report
+    from idia_engine.engine.evaluate.protocol import PAPER_N_VALUES, EvalConfig, eval_out_dir, evaluate_report
 
     _setup_logging(verbose)
     with _errors_to_exit():
         config = EvalConfig(n_values=_parse_n_values(n_values) if n_values else PAPER_N_VALUES, draws=draws,
                             seed=seed, tau=tau, headline_n=headline_n, out_dir=out_dir, redact=redact)
+        _check_outputs_beside_reports(eval_out_dir(report_dir, config), [report_dir])
         with _progress_bars(not quiet) as progress:
             result = evaluate_report(report_dir, labels, config, progress)
     print_evaluation(result.metrics, result.out_dir)
@@ -435,6 +460,7 @@ def compare_cmd(
     _setup_logging(verbose)
     with _errors_to_exit():
         config = CompareConfig(out_dir=out_dir, labels_path=labels, overlap=overlap, tau=tau, seed=seed)
+        _check_outputs_beside_reports(out_dir, reports)
         with _progress_bars(not quiet) as progress:
             result = compare_reports(reports, config, progress)
     print_comparison(result.comparison, result.out_dir)

@@ -28,6 +28,7 @@ benchmarks/README.md.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -70,6 +71,37 @@ log = logging.getLogger(__name__)
 DEFAULT_SQ_RANGE_EXPANSION = 0.2
 _ADD_BLOCK = 65_536  # rows encoded (and measured in float64) at once by `add`
 _PROBE_DIM = 3840  # 2^8 * 15: divisible by every usual PQ m, so a factory check is dimension-agnostic
+
+
+# Factory strings faiss parses but then crashes the process on (found by building, training, adding to and
+# searching each in a child process): a parameter of 0 (HNSW0, PQ16x0, RQ0x8, RR0: segfault or abort;
+# OPQ16_0: SIGFPE; NSG0: never returns), a graph degree of 1 (HNSW1 segfaults, NSG1 never returns). A
+# C++ crash cannot be caught, so these are refused from the string before faiss sees it; so are sizes no
+# index can afford (PQ8x24: 2^24 centroids per sub-quantizer; IVF2000000000 allocates before training).
+MAX_FACTORY_NUMBER = 1 << 20  # IVF1048576 is the largest list count faiss's guidelines name (10^9 rows)
+MAX_CODE_BITS = 16  # bits per sub-quantizer code ("PQ16x<bits>", "RQ4x<bits>")
+_GRAPH_DEGREE = re.compile(r"(HNSW|NSG)(\d+)")
+_CODE_BITS = re.compile(r"(?:PQ|RQ|LSQ|PRQ|PLSQ)\d+(?:x\d+)?x(\d+)")
+
+
+def check_factory_numbers(factory: str) -> None:
+    """Raise IndexSpecError for a factory string whose numbers would crash faiss or exhaust memory."""
+    for match in re.finditer(r"\d+", factory):
+        value = int(match.group())
+        if value == 0:
+            raise IndexSpecError(f"faiss factory string {factory!r} has a parameter of 0 (at character "
+                                 f"{match.start() + 1}), which crashes faiss; every size must be >= 1")
+        if value > MAX_FACTORY_NUMBER:
+            raise IndexSpecError(f"faiss factory string {factory!r} has the parameter {value}; at most "
+                                 f"{MAX_FACTORY_NUMBER} is supported")
+    for match in _GRAPH_DEGREE.finditer(factory):
+        if int(match.group(2)) < 2:
+            raise IndexSpecError(f"faiss factory string {factory!r}: {match.group()} has graph degree "
+                                 f"{match.group(2)}, which crashes faiss; use {match.group(1)}32 (>= 2)")
+    for match in _CODE_BITS.finditer(factory):
+        if int(match.group(1)) > MAX_CODE_BITS:
+            raise IndexSpecError(f"faiss factory string {factory!r}: {match.group()} has {match.group(1)}-bit "
+                                 f"codes; at most {MAX_CODE_BITS} bits (2^bits centroids each) are supported")
 
 
 @register_backend
@@ -123,6 +155,7 @@ class FaissBackend(NameIndexBackend):
         """The class bound to one factory string: kind "faiss:<factory>" (checked for syntax here)."""
         factory = spec.strip()
         if factory not in cls._bound_classes:
+            check_factory_numbers(factory)
             try:  # fail fast on a string faiss cannot parse, before any model is loaded
                 build_cpu_index(factory, _PROBE_DIM)
             except IndexSpecError as e:

@@ -11,11 +11,32 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from idia_engine.engine.disk.textfiles import (
+    BOOL,
+    COUNT,
+    NUMBER,
+    OBJECT,
+    STR,
+    Fields,
+    Nullable,
+    check_fields,
+)
+from idia_engine.engine.errors import ArtifactError
+
 from .bounds import ListStats
 from .errors import IndexFileError
 
 SIDECAR_FORMAT = "idia-engine faiss sidecar"
 SIDECAR_VERSION = 1
+# The keys `FaissBackend.load` and `from_description` read, with their types (a sidecar is read back from
+# disk: a wrong type is one line naming the file and the key, not a TypeError inside faiss).
+SIDECAR_SCHEMA = Fields(required={
+    "format": STR, "version": COUNT,
+    "description": Fields(required={"factory": STR, "dim": COUNT, "ntotal": COUNT},
+                          optional={"kind": STR, "metric": STR, "search_params": Nullable(OBJECT),
+                                    "gpu_float16": BOOL, "sq_range_expansion": NUMBER, "nlist": Nullable(COUNT),
+                                    "is_trained": BOOL}),
+    "stats": Nullable(OBJECT)})
 
 
 def sidecar_path(path: Path) -> Path:
@@ -40,11 +61,15 @@ def read_sidecar(path: Path) -> tuple[dict[str, Any], ListStats | None]:
         raise IndexFileError(f"{side} is missing: a faiss index saved by idia-engine has a sidecar beside it")
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
-        desc = meta["description"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise IndexFileError(f"{side} is not a valid sidecar ({e})") from None
-    if meta.get("format") != SIDECAR_FORMAT or meta.get("version") != SIDECAR_VERSION:
+    except (OSError, ValueError, RecursionError) as e:
+        raise IndexFileError(f"{side} is not a valid sidecar ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or meta.get("version") != SIDECAR_VERSION:
         raise IndexFileError(f"{side} is not a version-{SIDECAR_VERSION} idia-engine faiss sidecar")
+    try:
+        check_fields(meta, SIDECAR_SCHEMA, side, "rebuild the index")
+    except ArtifactError as e:
+        raise IndexFileError(str(e)) from None
+    desc = meta["description"]
     try:
         stats = ListStats.from_json(meta["stats"]) if meta.get("stats") else None
     except (KeyError, TypeError, ValueError) as e:

@@ -455,6 +455,46 @@ def out_dir_holds_something_else(ctx):
     return ctx.query(ctx.faces())
 
 
+# --- hostile inputs: options out of their domain, manifests that say nothing, outputs in odd places ----
+
+
+def out_inside(ctx: Ctx, where: str) -> list:
+    """--out inside (or equal to) one of the query's inputs."""
+    faces = ctx.faces()
+    out = {"faces": faces / "report", "index": ctx.idx, "index-sub": ctx.idx / "report",
+           "store": ctx.idx / "image-store" / "report"}[where]
+    ctx.expect.append(str(out))
+    return ["query", faces, "--index-dir", ctx.idx, "--out", out, "-q"]
+
+
+def store_inside_out(ctx):
+    """The report folder is replaced whole: a store inside it would be deleted with the old report."""
+    ctx.expect += [str(ctx.tmp / "report" / "store"), str(ctx.tmp / "report")]
+    return ctx.query(ctx.faces(), "--store", ctx.tmp / "report" / "store")
+
+
+def index_inside_faces(ctx):
+    faces = ctx.faces()
+    shutil.copytree(ctx.idx, faces / "idx")
+    ctx.expect.append(str(faces / "idx"))
+    return ctx.query(faces, idx=faces / "idx")
+
+
+def out_is_a_symlink(ctx):
+    """A symlink as --out: the swap would replace the link, not the folder it points to."""
+    first = invoke(*ctx.query(ctx.faces()))
+    assert first.exit_code == 0, first.output
+    (ctx.tmp / "link").symlink_to(ctx.tmp / "report")
+    ctx.expect.append(str(ctx.tmp / "link"))
+    return ctx.query(ctx.faces(), "--out", ctx.tmp / "link")
+
+
+def bracketed_faces_missing(ctx):
+    """A path that reads as rich markup is printed as written in the error line."""
+    ctx.expect.append(str(ctx.tmp / "[bold]faces[/x]"))
+    return ctx.query(ctx.tmp / "[bold]faces[/x]")
+
+
 # --- the table --------------------------------------------------------------------------------------------
 
 
@@ -566,6 +606,43 @@ ROWS = [
     Row("labels-missing-column", lambda c: labels(c, "name,label\nAnna,1\n"), 2, r"has no column 'member'"),
     # output
     Row("out-holds-something-else", out_dir_holds_something_else, 2, r"is not empty and is not an idia-engine report"),
+    # hostile options: every value outside its domain is refused before any work
+    Row("opt-query-seed-negative", lambda c: c.query(c.faces(), "--seed", "-1"), 2, r"--seed must be >= 0, got -1"),
+    Row("opt-query-top-k-huge", lambda c: c.query(c.faces(), "--top-k", "1000000000"), 2,
+        r"--top-k must be <= 2048 \(.*\), got 1000000000"),
+    Row("opt-query-search-param-inf", lambda c: c.query(c.faces(), "--search-param", "nprobe=1.0e999"), 2,
+        r"--search-param must look like nprobe=64"),
+    Row("opt-build-factory-zero", lambda c: c.build(c.world["names_file"], "--index", "HNSW0,Flat"), 2,
+        r"--index 'HNSW0,Flat' .*parameter of 0 .*crashes faiss"),
+    Row("opt-build-factory-degree-1", lambda c: c.build(c.world["names_file"], "--index", "IVF4_HNSW1,Flat"), 2,
+        r"HNSW1 has graph degree 1"),
+    Row("opt-build-factory-huge", lambda c: c.build(c.world["names_file"], "--index", "IVF2000000000,Flat"), 2,
+        r"has the parameter 2000000000; at most 1048576"),
+    # manifests that say nothing, or the wrong thing
+    Row("index-manifest-checksum-removed", lambda c: edit_manifest(c, lambda m: m.pop("manifest_sha256")), 1,
+        r"lacks the key 'manifest_sha256'"),
+    Row("index-manifest-string-for-int", lambda c: edit_manifest(c, lambda m: m.update(num_names="40")), 1,
+        r"key 'num_names' must be a whole number >= 0, not a string \('40'\)"),
+    Row("index-manifest-list-for-dict", lambda c: edit_manifest(c, lambda m: m.update(files=list(m["files"]))), 1,
+        r"key 'files' must be an object"),
+    Row("index-manifest-nested-type", lambda c: edit_manifest(c, lambda m: m["model"].update(embed_dim=[64])), 1,
+        r"key 'model\.embed_dim' must be a whole number"),
+    # outputs in odd places
+    Row("out-inside-faces", lambda c: out_inside(c, "faces"), 2, r"--out .* is inside the faces folder"),
+    Row("out-is-the-index-dir", lambda c: out_inside(c, "index"), 2, r"--out .* is the index dir"),
+    Row("out-inside-the-index-dir", lambda c: out_inside(c, "index-sub"), 2, r"--out .* is inside the index dir"),
+    Row("out-inside-the-store", lambda c: out_inside(c, "store"), 2, r"--out .* is inside the index dir"),
+    Row("out-holds-the-store", store_inside_out, 2, r"the embedding store .* is inside --out .*replaced whole"),
+    Row("index-inside-faces", index_inside_faces, 2, r"--index-dir .* is inside the faces folder"),
+    Row("out-is-a-symlink", out_is_a_symlink, 2, r"--out .* is a symbolic link"),
+    # markup-looking paths, overlong names, photos whose cost the attacker picks
+    Row("markup-in-error-path", bracketed_faces_missing, 2, r"faces folder .*\[bold\]faces\[/x\] does not exist"),
+    Row("names-line-too-long", lambda c: names_file(c, "Anna Smith\n" + "A" * 70_000 + "\n", 2), 2,
+        r"line is longer than 65536 bytes"),
+    Row("names-name-too-long", lambda c: names_file(c, "Anna Smith\n" + "Anna " * 60 + "\n", 2), 2,
+        r"has 299 characters; a name may have at most 256"),
+    Row("faces-csv-name-too-long", lambda c: c.query(None, "--manifest", manifest_csv(c, [("a.png", "B" * 300)])), 2,
+        r"images\.csv:2: name .* has 300 characters"),
 ]
 
 
@@ -650,3 +727,17 @@ def test_usage_errors_are_one_line_and_exit_2(argv, message, monkeypatch, capsys
     assert main() == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and re.search(message, lines[0]), lines
+
+
+def test_markup_looking_paths_print_as_written(tmp_path, built):
+    """Paths that read as rich markup ("[/x]" would crash rich after the work is done, "[bold]" would print a
+    path that does not exist) are printed verbatim by every success message."""
+    idx, faces = tmp_path / "idx[/x]", built["world"]["faces"]
+    r = invoke("build-index", built["world"]["names_file"], "--index-dir", idx, *model_args(built["model"]), "-q")
+    assert r.exit_code == 0 and f"index written to {idx}:" in " ".join(r.stdout.split()), r.output
+    for out in (tmp_path / "rep[/x]", tmp_path / "[bold]rep"):
+        r = invoke("query", faces, "--index-dir", idx, "--out", out, "--store", tmp_path / "store", "-q")
+        assert r.exit_code == 0, r.output
+        assert f"report: {out} (" in " ".join(r.stdout.split()), r.stdout
+    r = invoke("names", "-n", "3", "-o", tmp_path / "n[/x][bold].txt")
+    assert r.exit_code == 0 and str(tmp_path / "n[/x][bold].txt") in "".join(r.stdout.split()), r.output

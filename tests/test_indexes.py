@@ -755,3 +755,47 @@ def test_dense_search_holds_tf32_off_and_restores_the_callers_setting(monkeypatc
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+
+# --- factory strings that crash faiss, and sidecars of the wrong types ------------------------------------
+
+
+@pytest.mark.parametrize("factory, pattern", [
+    ("HNSW0,Flat", r"parameter of 0"), ("PQ16x0", r"parameter of 0"), ("OPQ16_0,PQ16", r"parameter of 0"),
+    ("RR0,Flat", r"parameter of 0"), ("HNSW1,Flat", r"graph degree 1"), ("NSG1,Flat", r"graph degree 1"),
+    ("PQ8x24", r"24-bit codes"), ("IVF2000000000,Flat", r"at most 1048576"),
+])
+def test_factory_strings_that_crash_faiss_are_refused_before_faiss_sees_them(factory, pattern):
+    from idia_engine.indexes.errors import IndexSpecError
+    from idia_engine.indexes.faiss_backend import FaissBackend
+
+    with pytest.raises(IndexSpecError, match=pattern):
+        FaissBackend.with_spec(factory)
+
+
+@pytest.mark.parametrize("factory", ["IVF4096,SQ8", "HNSW32,Flat", "IVF1024,PQ16x4fs", "SQfp16", "L2norm,Flat",
+                                     "OPQ16_64,IVF4,PQ16", "PRQ2x4x8"])
+def test_usual_factory_strings_pass_the_pre_parse(factory):
+    from idia_engine.indexes.faiss_backend import check_factory_numbers
+
+    check_factory_numbers(factory)
+
+
+def test_sidecar_of_wrong_types_is_an_index_file_error(tmp_path):
+    import json
+
+    from idia_engine.indexes.errors import IndexFileError
+    from idia_engine.indexes.faiss_backend import FaissBackend
+
+    backend = FaissBackend.with_spec("Flat").create(8)
+    backend.add(np.eye(8, dtype=np.float32))
+    backend.save(tmp_path / "t.faiss")
+    side = tmp_path / "t.faiss.json"
+    meta = json.loads(side.read_text(encoding="utf-8"))
+    for change, pattern in [({"description": {**meta["description"], "dim": "8"}}, r"key 'description\.dim'"),
+                            ({"description": [1]}, r"key 'description' must be an object"),
+                            ({"stats": 3}, r"key 'stats' must be an object or null")]:
+        side.write_text(json.dumps({**meta, **change}), encoding="utf-8")
+        with pytest.raises(IndexFileError, match=pattern):
+            FaissBackend.load(tmp_path / "t.faiss")

@@ -19,6 +19,14 @@ from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
+# How long one name may be. Longer than any person's name (the longest in common use have well under 100
+# characters, and CLIP's 77-token context truncates a prompt after about 60 words); and a bound on what one
+# line of input may cost: every name is normalised, checked, tokenised in 21 templates and stored.
+MAX_NAME_CHARS = 256
+MAX_NAME_BYTES = 1024  # its UTF-8 encoding (4 bytes per character at most)
+# A line of a names file, comments and surrounding spaces included: read at most this much of it at once.
+MAX_LINE_BYTES = 64 << 10
+
 
 def normalize_name(name: str) -> str:
     """The canonical form of a person's name: NFC, surrounding whitespace stripped."""
@@ -37,6 +45,10 @@ def check_name(name: str, *, where: str) -> None:
     """Raise InputError if `name` is empty or has a control character (tab, NUL, ...) or line separator."""
     if not name:
         raise InputError(f"{where}: empty name")
+    # Before anything that walks the name: its cost must be bounded by these limits, not by the input.
+    if len(name) > MAX_NAME_CHARS or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise InputError(f"{where}: name {name[:40]!r}... has {len(name)} characters; a name may have at most "
+                         f"{MAX_NAME_CHARS} characters ({MAX_NAME_BYTES} bytes of UTF-8)")
     for ch in name:
         if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
             raise InputError(
@@ -66,7 +78,11 @@ def iter_name_lines(path: Path) -> Iterator[tuple[int, str]]:
     except OSError as e:
         raise InputError(f"names file {path} cannot be read ({e.strerror or e}); give a readable UTF-8 text file") from None
     with f:
-        for lineno, raw in enumerate(f, start=1):
+        # readline with a limit: one huge line is refused after reading MAX_LINE_BYTES of it, not all of it.
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 3), b""), start=1):
+            if len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
+                raise InputError(f"{path}:{lineno}: line is longer than {MAX_LINE_BYTES} bytes; a names file "
+                                 f"holds one name (at most {MAX_NAME_CHARS} characters) per line")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..disk.atomic import staged_directory, write_json_atomic
+from ..disk.atomic import check_swappable, staged_directory, write_json_atomic
+from ..disk.textfiles import check_finite_number, check_whole_number
 from ..disk.versions import library_versions, utc_now
 from ..errors import ArtifactExistsError, InputError
 from ..evaluate.intervals import BOOTSTRAP_RESAMPLES, CONFIDENCE, rate_entry, rate_sentence
@@ -59,12 +60,16 @@ class CompareConfig:
     confidence: float = CONFIDENCE  # of every interval
 
     def __post_init__(self) -> None:
-        if self.seed < 0:
-            raise InputError(f"seed must be >= 0, got {self.seed}")
-        if self.bootstrap_resamples < 100:
-            raise InputError(f"bootstrap resamples must be >= 100, got {self.bootstrap_resamples}")
+        check_whole_number("--seed", self.seed, 0)
+        # tau's range 1..T is checked once the reports give T (check_tau); its type here, before any work.
+        if self.tau is not None and (not isinstance(self.tau, (int, np.integer)) or isinstance(self.tau, bool)):
+            raise InputError(f"--tau must be a whole number, got {self.tau!r}")
+        check_whole_number("bootstrap resamples", self.bootstrap_resamples, 100, 1_000_000,
+                           "each resample recomputes every interval")
+        check_finite_number("confidence", self.confidence, valid="in [0.5, 1), e.g. 0.95")
         if not 0.5 <= self.confidence < 1:
             raise InputError(f"confidence must be in [0.5, 1), e.g. 0.95, got {self.confidence!r}")
+        check_swappable(Path(self.out_dir), "--out")
 
 
 @dataclass(frozen=True)

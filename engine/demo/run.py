@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..candidates.made_up import generate_names
+from ..disk.textfiles import check_whole_number
 from ..errors import ArtifactExistsError, InputError
 from ..evaluate.protocol import EvalConfig, EvalResult, evaluate_report
 from ..index.build import BuildConfig, build_index
@@ -52,6 +53,10 @@ class DemoConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     candidates: int = 1000  # candidate names: every identity of the world plus made-up names
     seed: int = 0  # seeds the world, the names, the training and the evaluation draws
+
+    def __post_init__(self) -> None:
+        check_whole_number("--seed", self.seed, 0)
+        check_whole_number("candidates", self.candidates, 1, 10_000_000, "each is a name of the index")
 
 
 # A small world for the tests: the same code, a fraction of the work (well under a minute on 2 cores).

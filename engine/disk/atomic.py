@@ -18,10 +18,12 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import InputError
 from .locks import exclusive_lock, try_exclusive
 
 TMP_MARK = ".tmp-"
@@ -96,15 +98,67 @@ def _remove_abandoned(final: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _real(path: Path) -> Path:
+    """`path` made absolute with every symlink above it resolved (the path itself need not exist)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_swappable(final: Path, flag: str) -> None:
+    """Refuse an output folder that cannot be swapped in whole without harm: a symbolic link (the swap would
+    move the link aside and put a real folder in its place, leaving the folder it points to stale), a mount
+    point (it cannot be renamed), or a path with no parent to stage beside (/, ., ..)."""
+    final = Path(final)
+    if final.is_symlink():
+        raise InputError(f"{flag} {final} is a symbolic link; give the folder it points to "
+                         f"({os.path.realpath(final)}) or a new one")
+    name = Path(os.path.abspath(final)).name
+    if not name or final.name in ("", ".", ".."):
+        raise InputError(f"{flag} {final} is not a folder that can be replaced (it has no name of its own); "
+                         "give a new folder, e.g. ./report")
+    if final.is_dir() and os.path.ismount(final):
+        raise InputError(f"{flag} {final} is a mount point, which cannot be swapped for a new folder; "
+                         "give a folder inside it")
+
+
+def check_output_placement(out: Path, flag: str, inputs: Sequence[tuple[str, Path | None]],
+                           reports: Sequence[Path] = ()) -> None:
+    """Refuse an output folder placed where writing or replacing it would harm an input.
+
+    `inputs` are (what, path) pairs (faces folder, index dir, store, labels file, ...): the output may be
+    neither one of them, nor inside one (a report inside the faces folder is read as a person on the next
+    run), nor hold one (the output folder is replaced whole, and with it whatever is inside). `reports` may
+    hold the output (evaluate's default is <report>/evaluation) but be neither it nor inside it.
+    """
+    check_swappable(out, flag)
+    real_out = _real(out)
+    for what, path in inputs:
+        if path is None:
+            continue
+        real = _real(path)
+        if real == real_out:
+            raise InputError(f"{flag} {out} is the {what} {path}; give a separate output folder")
+        if real_out.is_relative_to(real):
+            raise InputError(f"{flag} {out} is inside the {what} {path}; give an output folder outside it")
+        if real.is_relative_to(real_out):
+            raise InputError(f"the {what} {path} is inside {flag} {out}, which is replaced whole; "
+                             "give an output folder that holds no input")
+    for report in reports:
+        real = _real(report)
+        if real == real_out or real.is_relative_to(real_out):
+            raise InputError(f"{flag} {out} would replace the report {report}; choose a folder outside the reports")
+
+
 @contextmanager
 def staged_directory(final: Path, *, replace_existing: bool) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `final`; on success swap it in as `final`.
 
     If the body raises, the temporary directory is removed and `final` is untouched. With
     `replace_existing`, an existing `final` is replaced (exchanged atomically where the OS can, else moved
-    aside first), and the old content deleted.
+    aside first), and the old content deleted: the caller has checked that it holds an earlier output of
+    its own. A symbolic link or a mount point as `final` is refused before anything is staged.
     """
     final = Path(final)
+    check_swappable(final, "output folder")
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(final)
     tmp = final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")

@@ -125,11 +125,14 @@ class EvalConfig:
         # (option, value, lowest, highest or None, why the cap): the caps bound work the user chooses.
         checks = [("--draws", self.draws, 1, MAX_DRAWS, "each draw re-votes every person at every n"),
                   ("--headline-n", self.headline_n, 1, None, ""), ("--seed", self.seed, 0, None, ""),
-                  ("--tau", self.tau, 1, None, ""), ("max occurrence bins", self.max_occurrence_bins, 1, None, ""),
+                  ("max occurrence bins", self.max_occurrence_bins, 1, None, ""),
                   ("bootstrap resamples", self.bootstrap_resamples, 100, MAX_RESAMPLES,
                    "each resample recomputes every interval")]
         for option, value, low, high, why in checks:
             check_whole_number(option, value, low, high, why)
+        # tau's range 1..T is checked once T is known (check_tau); its type here, before any work.
+        if not isinstance(self.tau, (int, np.integer)) or isinstance(self.tau, bool):
+            raise InputError(f"--tau must be a whole number, got {self.tau!r}")
         check_finite_number("confidence", self.confidence, valid="in [0.5, 1), e.g. 0.95")
         if not 0.5 <= self.confidence < 1:
             raise InputError(f"confidence must be in [0.5, 1), e.g. 0.95, got {self.confidence!r}")

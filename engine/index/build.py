@@ -36,6 +36,7 @@ from ..candidates.templates import PAPER_TEMPLATES
 from ..disk.atomic import TMP_MARK, write_bytes_atomic, write_json_atomic
 from ..disk.faults import fault_point
 from ..disk.locks import exclusive_lock
+from ..disk.textfiles import check_whole_number
 from ..disk.versions import library_versions, utc_now
 from ..errors import IdiaError, InputError
 from ..model.load import DeviceChoice, LoadedModel, ModelSpec, Precision, load_model
@@ -59,6 +60,9 @@ from .layout import (
 log = logging.getLogger(__name__)
 
 
+MAX_BATCH = 65536  # prompts per forward pass (a batch's tokens and activations are held at once)
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Everything `build_index` needs; checked when made (before any file is read or model loaded)."""
@@ -75,16 +79,22 @@ class BuildConfig:
     memory_budget_bytes: int = 8 << 30  # what all templates' indexes may take together (for --index auto)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.index_kind, str):
+            raise InputError(f"--index must be a string (auto, flat, dense or a faiss factory string), "
+                             f"got {self.index_kind!r}")
         if self.index_kind != "auto":  # fail fast on a bad --index, before any model is loaded
             try:
                 get_backend(resolve_index_kind(self.index_kind, 1, 1, 1, "cpu", 1)[0])
             except IdiaError as e:
                 raise InputError(f"--index {self.index_kind!r} is neither auto, flat, dense nor a valid faiss "
                                  f"factory string such as IVF4096,SQ8 or HNSW32,Flat ({e})") from None
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.memory_budget_bytes < 1:
+        check_whole_number("--batch-size", self.batch_size, 1, MAX_BATCH, "prompts per forward pass")
+        if isinstance(self.memory_budget_bytes, int) and not isinstance(self.memory_budget_bytes, bool) \
+                and self.memory_budget_bytes < 1:
             raise InputError(f"--memory-budget must be positive, got {self.memory_budget_bytes} bytes")
+        check_whole_number("--memory-budget (bytes)", self.memory_budget_bytes, 1)
+        if not self.templates or not all(isinstance(t, str) for t in self.templates):
+            raise InputError(f"templates must be a non-empty sequence of strings, got {self.templates!r}")
 
 
 def resolve_index_kind(kind: str, num_names: int, num_templates: int, dim: int, device: str,

@@ -26,6 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..disk.textfiles import (
+    BOOL,
+    COUNT,
+    INT,
+    OBJECT,
+    STR,
+    DictOf,
+    Fields,
+    ListOf,
+    Nullable,
+    check_fields,
+    register_schema,
+)
 from ..errors import ArtifactError, IdiaError
 from ..model.load import ModelInfo
 
@@ -64,7 +77,7 @@ class IndexManifest:
     files: dict[str, int]  # data file -> size in bytes (checked on open)
     encode: dict[str, Any]  # device, precision, batch size, prompts, seconds
     library_versions: dict[str, str]
-    # SHA-256 of this manifest's canonical JSON without this field (manifest_checksum); "" in older indexes.
+    # SHA-256 of this manifest's canonical JSON without this field (manifest_checksum); required on reading.
     manifest_sha256: str = ""
 
     @property
@@ -79,17 +92,46 @@ def manifest_checksum(obj: dict[str, Any]) -> str:
                           .encode("utf-8")).hexdigest()
 
 
+# The type of every key of manifest.json (IndexManifest's fields, and the model's ModelInfo): a manifest is
+# read back from disk, so each is checked before any code relies on it.
+MODEL_INFO_SCHEMA = Fields(required={
+    "model": STR, "pretrained": STR, "weights_source": STR, "open_clip_name": STR, "model_config": OBJECT,
+    "preprocess": OBJECT, "embed_dim": COUNT, "context_length": COUNT, "checkpoint_sha256": Nullable(STR),
+    "fingerprint": STR})
+INDEX_MANIFEST_SCHEMA = Fields(required={
+    "schema_version": INT, "artifact": STR, "build_id": STR, "data_dir": STR, "created_at": STR,
+    "model": MODEL_INFO_SCHEMA, "embedding_dim": COUNT, "metric": STR, "normalized": BOOL, "templates": ListOf(STR),
+    "index_kind": STR, "search_params": OBJECT, "num_names": COUNT, "num_templates": COUNT, "names_sha256": STR,
+    "source_names_file": STR, "duplicates_dropped": COUNT, "files": DictOf(COUNT), "encode": OBJECT,
+    "library_versions": DictOf(STR),
+    # Required: without it a hand-edited manifest could drop the checksum and be trusted unchecked.
+    "manifest_sha256": STR})
+register_schema(INDEX_ARTIFACT, INDEX_MANIFEST_SCHEMA)
+_REBUILD = "rebuild the index"
+
+
 def manifest_from_json(obj: dict[str, Any], path: Path) -> IndexManifest:
-    """The manifest of a parsed manifest.json, refused when fields are missing or its checksum is wrong."""
-    fields = IndexManifest.__dataclass_fields__
-    missing = [k for k in fields if k not in obj and k != "manifest_sha256"]
-    if missing:
-        raise ArtifactError(f"{path} lacks {', '.join(missing)}; it is not an idia-engine {INDEX_SCHEMA_VERSION} manifest")
-    recorded = obj.get("manifest_sha256", "")
-    if recorded and recorded != manifest_checksum(obj):
-        raise ArtifactError(f"{path} was changed after build-index wrote it (its checksum no longer matches); "
-                            "restore it or rebuild the index")
-    return IndexManifest(**{k: obj[k] for k in fields if k in obj})
+    """The manifest of a parsed manifest.json, refused when a key is missing or of the wrong type, when it
+    has no checksum or its checksum is wrong, or when it points outside its index directory."""
+    check_fields(obj, INDEX_MANIFEST_SCHEMA, path, _REBUILD)
+    if obj["manifest_sha256"] != manifest_checksum(obj):
+        what = "has an empty manifest_sha256" if not obj["manifest_sha256"] else \
+            "was changed after build-index wrote it (its checksum no longer matches)"
+        raise ArtifactError(f"{path} {what}; restore it or {_REBUILD}")
+    # Files are opened as <index>/<data_dir>/<name>: relative paths that stay inside, so nothing outside the
+    # index directory is ever read (the data directory itself is one plain name).
+    for name in [obj["data_dir"], *obj["files"]]:
+        parts = name.split("/")
+        if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in parts) \
+                or (name == obj["data_dir"] and len(parts) > 1):
+            raise ArtifactError(f"{path} names the file {name!r}, which is not a path inside the index; {_REBUILD}")
+    if obj["data_dir"] != f"data-{obj['build_id']}":
+        raise ArtifactError(f"{path}: key 'data_dir' is {obj['data_dir']!r}, expected 'data-{obj['build_id']}'; "
+                            f"{_REBUILD}")
+    if len(obj["templates"]) != obj["num_templates"]:
+        raise ArtifactError(f"{path} lists {len(obj['templates'])} templates, its key 'num_templates' says "
+                            f"{obj['num_templates']}; {_REBUILD}")
+    return IndexManifest(**{k: obj[k] for k in IndexManifest.__dataclass_fields__ if k in obj})
 
 
 def existing_manifest(folder: Path) -> dict[str, Any] | None:
@@ -99,7 +141,7 @@ def existing_manifest(folder: Path) -> dict[str, Any] | None:
         obj = json.loads(path.read_text(encoding="utf-8"))
         manifest_from_json(obj, path)
         return obj
-    except (OSError, ValueError, TypeError, IdiaError):
+    except (OSError, ValueError, TypeError, RecursionError, IdiaError):
         return None
 
 

@@ -30,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from idia_engine.indexes.gpu import GPU_MAX_K
 
 from ..candidates.names_file import name_hash64
-from ..disk.atomic import staged_directory
+from ..disk.atomic import check_output_placement, staged_directory
 from ..disk.faults import fault_point
+from ..disk.textfiles import check_finite_number, check_whole_number
 from ..disk.versions import utc_now
 from ..errors import InputError
 from ..index.encode import encode_name_prompts
@@ -71,6 +73,11 @@ from .store import EmbeddingStore, Namespace
 from .votes import PaperModeVotes, check_tau, paper_mode_votes
 
 
+MAX_TOP_K = GPU_MAX_K  # candidates kept per image and template (faiss on a GPU selects at most 2048)
+MAX_BATCH = 65536  # images per forward pass
+MAX_WORKERS = 1024  # DataLoader decoding processes
+
+
 @dataclass(frozen=True)
 class QueryConfig:
     """Everything `run_query` needs; checked when made (tau, whose range 1..T depends on the index, when the
@@ -101,15 +108,32 @@ class QueryConfig:
     def __post_init__(self) -> None:
         if (self.faces_dir is None) == (self.image_manifest is None):
             raise InputError("give either a faces folder or --manifest images.csv (exactly one)")
-        checks = [("--top-k", self.top_k, 1), ("--batch-size", self.batch_size, 1),
-                  ("--workers", self.workers, 0), ("--search-chunk", self.search_chunk, 1)]
-        for flag, value, low in checks:
-            if value < low:
-                raise InputError(f"{flag} must be >= {low}, got {value}")
-        if self.images_per_person is not None and self.images_per_person < 1:
-            raise InputError(f"--images-per-person must be >= 1, got {self.images_per_person}")
+        # (option, value, lowest, highest or None, why the cap): every cap bounds a cost the user chooses.
+        checks = [("--top-k", self.top_k, 1, MAX_TOP_K, ("faiss's GPU k-selection limit; predictions/ keeps "
+                                                          "images x templates x k ids and scores")),
+                  ("--seed", self.seed, 0, None, ""),
+                  ("--batch-size", self.batch_size, 1, MAX_BATCH, "a forward pass holds that many decoded photos"),
+                  ("--workers", self.workers, 0, MAX_WORKERS, "decoding processes"),
+                  ("--search-chunk", self.search_chunk, 1, None, "")]
+        if self.images_per_person is not None:
+            checks.append(("--images-per-person", self.images_per_person, 1, None, ""))
+        for option, value, low, high, why in checks:
+            check_whole_number(option, value, low, high, why)
         if self.store_dtype not in ("float32", "float16"):
             raise InputError(f"--store-dtype must be float32 or float16, got {self.store_dtype!r}")
+        for key, value in (self.search_params or {}).items():
+            if not isinstance(key, str) or not key.isidentifier():
+                raise InputError(f"--search-param name {key!r} is not a parameter name like nprobe or efSearch")
+            if not isinstance(value, bool):
+                check_finite_number(f"--search-param {key}", value, 0, valid="a finite number >= 0 (or true/false)")
+        # Where the report goes: never in, over or around an input (check_output_placement says why each).
+        inputs = [("faces folder", self.faces_dir), ("index dir", self.index_dir), ("embedding store", self.store_path),
+                  ("labels file", self.labels_file), ("image manifest", self.image_manifest)]
+        check_output_placement(Path(self.out_dir), "--out", inputs)
+        if self.faces_dir is not None:  # anything inside the faces folder is read as a person
+            check_output_placement(Path(self.index_dir), "--index-dir", [("faces folder", self.faces_dir)])
+            if self.store_dir is not None:
+                check_output_placement(Path(self.store_dir), "--store", [("faces folder", self.faces_dir)])
 
     @property
     def store_path(self) -> Path:

@@ -59,6 +59,7 @@ import lmdb
 import numpy as np
 
 from ..disk.atomic import TMP_MARK
+from ..disk.textfiles import INT, STR, DictOf, Fields, check_fields
 from ..disk.versions import library_versions, utc_now
 from ..errors import ArtifactError, ManifestMismatchError
 
@@ -91,6 +92,11 @@ class StoreReadOnlyError(ArtifactError):
             need = f"; {n_images} image{' needs' if n_images == 1 else 's need'} encoding"
         super().__init__(f"embedding store {path} is read-only ({reason}){need} — "
                          "pass --store with a writable directory")
+
+
+# store.json's keys and their types, checked on every open (StoreManifest's fields).
+STORE_MANIFEST_SCHEMA = Fields(required={"schema_version": INT, "artifact": STR, "created_at": STR,
+                                         "key_format": STR, "library_versions": DictOf(STR)})
 
 
 @dataclass(frozen=True)
@@ -217,13 +223,17 @@ class EmbeddingStore:
         has_manifest = not created  # a store was there before this call
         try:
             obj = json.loads(manifest.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{manifest} is not valid JSON ({e})") from None
+        except OSError as e:
+            raise ArtifactError(f"{manifest} cannot be read ({e.strerror or e}); pass another --store") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ArtifactError(f"{manifest} is not valid JSON ({str(e).splitlines()[0] if str(e) else e!r})"
+                                ) from None
         if not isinstance(obj, dict) or obj.get("artifact") != STORE_ARTIFACT or obj.get("schema_version") != STORE_SCHEMA_VERSION:
             raise ArtifactError(
                 f"{self.path} is not an idia-engine embedding store of schema {STORE_SCHEMA_VERSION}; "
                 "pass another --store"
             )
+        check_fields(obj, STORE_MANIFEST_SCHEMA, manifest, "pass another --store")
         try:
             self._open_env()
         except (lmdb.Error, OSError) as e:
