@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from idia_engine.engine.candidates.identity import NameTokens
 from idia_engine.engine.candidates.names_file import check_name, normalize_name
 from idia_engine.engine.candidates.templates import PAPER_TEMPLATES, normalize_template
 from idia_engine.engine.errors import InputError
@@ -87,13 +88,9 @@ def attack(model: Model | LoadedModel, names: Sequence[str], photos: Mapping[str
     persons = _check_photos(photos)
     labels = _check_labels(labels)
 
-    name_id = {n: i for i, n in enumerate(names)}
-    added = [p for p in persons if p not in name_id]  # query's rule: ids after the names, in person order
+    names, candidate_id, added = _candidates_by_tokens(loaded, names, list(persons))
     candidates = names + added
-    candidate_id = {**name_id, **{p: len(names) + i for i, p in enumerate(added)}}
-    if added:
-        log.info("%d attacked person(s) are not among the names and are added as candidates (e.g. %r)",
-                 len(added), added[0])
+    added_set = set(added)
 
     flat = [(person, i, src) for person, srcs in persons.items() for i, src in enumerate(srcs)]
     emb, used, skipped = _encode_photos(loaded, flat, image_batch_size, progress)
@@ -117,7 +114,7 @@ def attack(model: Model | LoadedModel, names: Sequence[str], photos: Mapping[str
     results = tuple(
         PersonResult(
             name=p, n_photos=int(votes.n_images[i]), score=int(votes.scores[i]), decision=bool(decisions[i]),
-            in_candidates=p in name_id, label=None if labels is None else labels.get(p),
+            in_candidates=p not in added_set, label=None if labels is None else labels.get(p),
             templates=tuple(TemplateVote(template=template,
                                          mode=None if votes.modes[i, t] == NO_MODE else candidates[votes.modes[i, t]],
                                          mode_votes=int(votes.mode_votes[i, t]), true_votes=int(votes.true_votes[i, t]),
@@ -212,6 +209,39 @@ def _check_templates(templates: Sequence[str] | None) -> tuple[str, ...]:
     if not out:
         raise InputError("templates is empty; give at least one template such as 'a photo of {0}', or None")
     return tuple(out)
+
+
+def _candidates_by_tokens(loaded: LoadedModel, names: list[str], persons: list[str]
+                          ) -> tuple[list[str], dict[str, int], list[str]]:
+    """(names, person or name -> candidate id, persons added as candidates), with identity decided as build-
+    index and query decide it: by the token ids of the model's tokenizer (`candidates/identity.py`). A
+    name with the tokens of an earlier one is dropped (warned); two persons with the same tokens are an
+    error; a person with the tokens of a name is that name; only the rest are added, ids after the names."""
+    tokens = NameTokens(loaded.tokenizer)
+    twins = tokens.twins(names)
+    if twins:
+        dropped = {t.name for t in twins}
+        log.warning("names: dropped %d name(s) with the token ids of an earlier one (e.g. %r, the tokens of %r)",
+                    len(twins), twins[0].name, twins[0].same_tokens_as)
+        names = [n for n in names if n not in dropped]
+    person_twins = tokens.twins(persons)
+    if person_twins:
+        t = person_twins[0]
+        raise InputError(f"photos[{t.same_tokens_as!r}] and photos[{t.name!r}] are the same token ids to the model's "
+                         "tokenizer, which cannot tell them apart; put their photos under one name")
+    name_id = {n: i for i, n in enumerate(names)}
+    missing = [p for p in persons if p not in name_id]
+    found = tokens.find(missing, names) if missing else {}
+    if found:
+        p = next(iter(found))
+        log.warning("%d person(s) have the token ids of a name spelt otherwise and are scored as that name "
+                    "(e.g. %r as %r)", len(found), p, names[found[p]])
+    added = [p for p in missing if p not in found]  # query's rule: ids after the names, in person order
+    if added:
+        log.info("%d attacked person(s) are not among the names and are added as candidates (e.g. %r)",
+                 len(added), added[0])
+    candidate_id = {**name_id, **found, **{p: len(names) + i for i, p in enumerate(added)}}
+    return names, candidate_id, added
 
 
 def _check_names(names: Sequence[str]) -> list[str]:

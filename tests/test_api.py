@@ -100,6 +100,20 @@ def test_labels_give_metrics_and_undecodable_photos_are_skipped(world, tiny_mode
     assert result.photos[0].top_cosines.shape == (1, 3)
 
 
+def test_identity_is_what_the_model_sees(world, tiny_model):
+    """As build-index and query decide it: names with the same token ids are one candidate, and a person
+    spelt otherwise than a name with its tokens is that name, not a twin added for the run."""
+    first, second = world["names"][:2]
+    photo = [Image.new("RGB", (40, 40), "red")]
+    result = idia_engine.attack(tiny_model, [first, second, "  " + first.replace(" ", "  ") + " "],
+                                {first.replace(" ", "  "): photo, second.upper(): photo}, templates=["{0}"])
+    assert result.candidates == (first, second) and result.candidates_added_for_this_run == ()
+    assert all(p.in_candidates for p in result.persons)
+    with pytest.raises(InputError, match="same token ids") as info:
+        idia_engine.attack(tiny_model, [first], {first: photo, first.replace(" ", "   "): photo}, templates=["{0}"])
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"tau": 0}, "--tau must be >= 1"),
     ({"templates": ["no placeholder"]}, "no placeholder"),
