@@ -17,7 +17,7 @@ import torch
 from idia_engine.cli.app import app
 from idia_engine.engine.candidates.templates import PAPER_TEMPLATES
 from idia_engine.engine.demo.faces import MINOR_TRAITS, trait_vector
-from idia_engine.engine.demo.run import SMALL_DEMO
+from idia_engine.engine.demo.run import SMALL_DEMO, DemoConfig
 from idia_engine.engine.demo.training import TrainConfig, train_clip_on_world
 from idia_engine.engine.demo.world import (
     TRAINING_CAPTIONS,
@@ -226,6 +226,28 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--small", "--workdir", str(tmp_path), "--quiet"])
     assert result.exit_code == 2
     assert "demo.json" in result.output and (tmp_path / "precious.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_demo_validates_every_option_before_it_deletes_anything(tmp_path):
+    """An earlier demo's faces/ and model/ survive a bad option; a demo.json that is not a demo's marker (a
+    user's own file of that name) does not make a folder the demo's to delete."""
+    work = tmp_path / "earlier"
+    for part in ("faces", "model"):
+        (work / part).mkdir(parents=True)
+        (work / part / "keep.txt").write_text("earlier", encoding="utf-8")
+    (work / "demo.json").write_text(json.dumps({"seed": 0, "world": {}, "train": {}}), encoding="utf-8")
+    result = CliRunner().invoke(app, ["demo", "--small", "--workdir", str(work), "--seed", "-1", "--quiet"])
+    assert result.exit_code == 2 and "--seed" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(InputError, match=r"candidates \(10\) must be at least the world's identities \(60\)"):
+        DemoConfig(workdir=work, **{**SMALL_DEMO, "candidates": 10})
+    with pytest.raises(InputError, match="heldout_photos must be >= 1"):
+        DemoConfig(workdir=work, world=replace(SMALL_WORLD, heldout_photos=0))
+    assert all((work / part / "keep.txt").is_file() for part in ("faces", "model"))
+    mine = tmp_path / "mine"
+    (mine / "faces").mkdir(parents=True)
+    (mine / "demo.json").write_text('{"my": "notes"}', encoding="utf-8")
+    result = CliRunner().invoke(app, ["demo", "--small", "--workdir", str(mine), "--quiet"])
+    assert result.exit_code == 2 and "of an earlier demo" in result.stderr and (mine / "faces").is_dir()
 
 
 @pytest.mark.slow

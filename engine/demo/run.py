@@ -38,6 +38,7 @@ from .world import (
     HardKind,
     World,
     WorldConfig,
+    check_world_config,
     make_world,
     write_heldout_faces,
     write_labels,
@@ -55,8 +56,13 @@ class DemoConfig:
     seed: int = 0  # seeds the world, the names, the training and the evaluation draws
 
     def __post_init__(self) -> None:
+        """Every option is checked here, before the demo touches its folder (nothing is deleted for a bad one)."""
         check_whole_number("--seed", self.seed, 0)
         check_whole_number("candidates", self.candidates, 1, 10_000_000, "each is a name of the index")
+        check_world_config(self.world)
+        if self.candidates < self.world.identities:
+            raise InputError(f"candidates ({self.candidates}) must be at least the world's identities "
+                             f"({self.world.identities})")
 
 
 # A small world for the tests: the same code, a fraction of the work (well under a minute on 2 cores).
@@ -78,12 +84,23 @@ class DemoResult:
     seconds: dict[str, float]
 
 
+def _is_earlier_demo(work: Path) -> bool:
+    """Whether work/demo.json is the marker a demo writes (a JSON object with its seed and world), not just
+    any file of that name: the folder's faces/ and model/ are deleted on the strength of it."""
+    try:
+        marker = json.loads((work / DEMO_MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(marker, dict) and isinstance(marker.get("seed"), int) and isinstance(marker.get("world"), dict) \
+        and isinstance(marker.get("train"), dict)
+
+
 def _claim_workdir(work: Path) -> None:
     """The demo owns its folder: an earlier demo there is replaced, anything else is refused."""
     if work.exists() and not work.is_dir():
         raise InputError(f"--workdir {work} exists and is not a directory")
-    if work.is_dir() and any(work.iterdir()) and not (work / DEMO_MARKER).is_file():
-        raise ArtifactExistsError(f"--workdir {work} is not empty and holds no {DEMO_MARKER}; "
+    if work.is_dir() and any(work.iterdir()) and not _is_earlier_demo(work):
+        raise ArtifactExistsError(f"--workdir {work} is not empty and holds no {DEMO_MARKER} of an earlier demo; "
                                   "choose an empty or new folder")
     for part in ("faces", "model"):  # regenerated from scratch; the index and report replace themselves
         shutil.rmtree(work / part, ignore_errors=True)
@@ -104,9 +121,6 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: Progress = no_progress
     work = Path(config.workdir)
     _claim_workdir(work)
     world_config = WorldConfig(**{**asdict(config.world), "seed": config.seed})
-    if config.candidates < world_config.identities:
-        raise InputError(f"candidates ({config.candidates}) must be at least the world's identities "
-                         f"({world_config.identities})")
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 

@@ -141,7 +141,7 @@ def make_world(config: WorldConfig = WorldConfig(), candidate_names: list[str] |
     namesake's name is made from the given ones (a member's name part and one of their own), so the
     world's names are not all among `candidate_names`: use `World.identities` for the names.
     """
-    _check_config(config)
+    check_world_config(config)
     if candidate_names is None:
         from ..candidates.made_up import generate_names
 
@@ -222,15 +222,16 @@ def _pick_members(rng: np.random.Generator, members: list[int], count: int) -> l
     return picks
 
 
-def _check_config(config: WorldConfig) -> None:
+def check_world_config(config: WorldConfig) -> None:
+    """InputError (one line) for a world that cannot be made; the demo calls it before it touches any file."""
     if config.identities < 2:
-        raise ValueError(f"a world needs at least 2 identities, got {config.identities}")
+        raise InputError(f"a world needs at least 2 identities, got {config.identities}")
     if not 0 < config.member_fraction < 1:
-        raise ValueError(f"member_fraction must be in (0, 1), got {config.member_fraction}")
+        raise InputError(f"member_fraction must be in (0, 1), got {config.member_fraction}")
     if not config.occurrence_levels or min(config.occurrence_levels) < 1:
-        raise ValueError(f"occurrence levels must be >= 1, got {config.occurrence_levels}")
+        raise InputError(f"occurrence levels must be >= 1, got {config.occurrence_levels}")
     if config.heldout_photos < 1:
-        raise ValueError(f"heldout_photos must be >= 1, got {config.heldout_photos}")
+        raise InputError(f"heldout_photos must be >= 1, got {config.heldout_photos}")
     fractions = (config.lookalike_fraction, config.namesake_fraction)
     if min(fractions) < 0 or sum(fractions) > 1:
         raise InputError(f"lookalike_fraction and namesake_fraction must be >= 0 and add up to at most 1, "
