@@ -216,3 +216,14 @@ def test_the_cli_is_a_thin_adapter(two, tmp_path):
     assert "after vs before" in r.output and (tmp_path / "cmp" / "comparison.html").is_file()
     r = runner.invoke(app, ["compare", str(before), "--out", str(tmp_path / "cmp2"), "-q"])
     assert r.exit_code == 2 and "at least two reports" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_users_file_in_an_earlier_comparison_is_never_deleted(two, tmp_path):
+    before, after, _ = two
+    config = CompareConfig(out_dir=tmp_path / "cmp", bootstrap_resamples=200)
+    compare_reports([before, after], config)
+    compare_reports([before, after], config)  # an earlier comparison, as written, is replaced
+    (tmp_path / "cmp" / "my-notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(InputError, match=r"holds my-notes\.txt, which no comparison writes"):
+        compare_reports([before, after], config)
+    assert (tmp_path / "cmp" / "my-notes.txt").read_text(encoding="utf-8") == "mine"

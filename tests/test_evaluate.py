@@ -726,3 +726,14 @@ def test_redact_leaves_out_photo_paths_and_other_peoples_names(hand_report, tmp_
     metrics = json.loads((report / "evaluation" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["report"]["dir"] == "report" and metrics["labels"]["file"] == "labels.csv"
     assert "/faces/" not in (report / "evaluation" / "person_scores.csv").read_text(encoding="utf-8")
+
+
+def test_a_users_file_in_an_earlier_evaluation_is_never_deleted(hand_report):
+    report, labels = hand_report
+    config = EvalConfig(n_values=(1,), draws=2)
+    evaluate_report(report, labels, config)
+    (report / "evaluation" / "plots").mkdir()
+    (report / "evaluation" / "plots" / "mine.png").write_bytes(b"mine")
+    with pytest.raises(InputError, match=r"holds plots/mine\.png, which no evaluation writes"):
+        evaluate_report(report, labels, config)
+    assert (report / "evaluation" / "plots" / "mine.png").read_bytes() == b"mine"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..disk.atomic import check_swappable, staged_directory, write_json_atomic
+from ..disk.atomic import check_only_own_files, check_swappable, staged_directory, write_json_atomic
 from ..disk.textfiles import check_finite_number, check_whole_number
 from ..disk.versions import library_versions, utc_now
 from ..errors import ArtifactExistsError, InputError
@@ -157,10 +157,13 @@ def _check_out_dir(out_dir: Path) -> None:
     if not out_dir.is_dir():
         raise InputError(f"comparison output {out_dir} exists and is not a directory")
     try:
-        if json.loads((out_dir / COMPARISON_FILE).read_text(encoding="utf-8")).get("artifact") == COMPARE_ARTIFACT:
-            return
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        pass
+        earlier = json.loads((out_dir / COMPARISON_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("artifact") == COMPARE_ARTIFACT:
+        files = earlier.get("files") if isinstance(earlier.get("files"), dict) else {}
+        check_only_own_files(out_dir, {COMPARISON_FILE, *files}, "comparison output", "comparison")
+        return
     if any(out_dir.iterdir()):
         raise ArtifactExistsError(f"comparison output {out_dir} is not empty and holds no earlier comparison; "
                                   "choose another --out")

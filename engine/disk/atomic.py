@@ -182,3 +182,17 @@ def staged_directory(final: Path, *, replace_existing: bool) -> Iterator[Path]:
             if tmp.exists():  # the body failed, or tmp now holds the exchanged-out old content
                 shutil.rmtree(tmp, ignore_errors=True)
             lock.unlink(missing_ok=True)
+
+
+def check_only_own_files(folder: Path, own: set[str], flag: str, what: str) -> None:
+    """Refuse to replace an earlier output folder that holds a file the output never writes (the user's own,
+    added since): replacing the folder would delete it. `own` are the files the earlier output lists, as
+    POSIX paths relative to the folder; a folder whose every file is listed there may be replaced."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(folder).as_posix()
+        if rel not in own:
+            raise InputError(f"{flag} {folder} holds {rel}, which no {what} writes; replacing the folder would "
+                             "delete it: move it out or choose another output folder")

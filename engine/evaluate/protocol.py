@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..disk.atomic import check_swappable, staged_directory, write_json_atomic
+from ..disk.atomic import check_only_own_files, check_swappable, staged_directory, write_json_atomic
 from ..disk.textfiles import check_finite_number, check_whole_number
 from ..disk.versions import library_versions, utc_now
 from ..errors import ArtifactExistsError, InputError
@@ -214,10 +214,13 @@ def _check_out_dir(out_dir: Path) -> None:
     if not out_dir.is_dir():
         raise InputError(f"evaluation output {out_dir} exists and is not a directory")
     try:
-        if json.loads((out_dir / METRICS_FILE).read_text(encoding="utf-8")).get("artifact") == EVAL_ARTIFACT:
-            return
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        pass
+        earlier = json.loads((out_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("artifact") == EVAL_ARTIFACT:
+        files = earlier.get("files") if isinstance(earlier.get("files"), dict) else {}
+        check_only_own_files(out_dir, {METRICS_FILE, *files}, "evaluation output", "evaluation")
+        return
     if any(out_dir.iterdir()):
         raise ArtifactExistsError(f"evaluation output {out_dir} is not empty and holds no earlier evaluation; "
                                   "choose another output folder")
