@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import idia_engine.engine.query.images as images_mod
 import idia_engine.engine.query.store as store_mod
 import numpy as np
 import pytest
@@ -495,6 +496,54 @@ def bracketed_faces_missing(ctx):
     return ctx.query(ctx.tmp / "[bold]faces[/x]")
 
 
+def photo_copied_under_another_name(ctx):
+    """The same bytes twice in one person's folder: one photo, one vote (the copy is dropped, with a warning)."""
+    faces = ctx.faces()
+    folder = faces / ctx.world["people"][0].replace(" ", "_")
+    shutil.copy(sorted(folder.glob("*.png"))[0], folder / "zz-copy.png")
+    return ctx.query(faces)
+
+
+def exif_sideways_jpeg(path: Path) -> None:
+    """A phone's photo: the pixels stored sideways, the EXIF orientation tag (6) saying how to turn them."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_rgb(40)[:, :30]).transpose(Image.Transpose.ROTATE_90).save(path, format="JPEG", exif=exif)
+
+
+def photo_too_large(ctx, monkeypatch):
+    """A file over the size a photo may have is not read at all (a video among the photos)."""
+    faces = ctx.faces()
+    limit = max(p.stat().st_size for p in faces.rglob("*.png"))  # every real photo fits; the big one does not
+    monkeypatch.setattr(images_mod, "MAX_PHOTO_BYTES", limit)
+    return ctx.query(ctx.faces_with("huge.mov", lambda p: p.write_bytes(bytes(limit + 1))))
+
+
+def _racing_read(ctx, monkeypatch, meanwhile: Callable[[Path], None]) -> None:
+    """The file of this row changes after it was hashed, just before its one read for decoding."""
+    real_read = images_mod.read_photo
+
+    def read(path):
+        if Path(path) == ctx.bad_file:
+            meanwhile(Path(path))
+        return real_read(path)
+    monkeypatch.setattr(images_mod, "read_photo", read)
+
+
+def photo_unreadable_after_hashing(ctx, monkeypatch):
+    """Listed and hashed, then gone (or locked) when decoded: skipped now, not remembered, retried next run."""
+    faces = ctx.faces_with("vanishing.png", lambda p: Image.fromarray(_rgb(seed=3)).save(p))
+    _racing_read(ctx, monkeypatch, lambda p: p.unlink())
+    return ctx.query(faces)
+
+
+def photo_replaced_after_hashing(ctx, monkeypatch):
+    """Another photo takes its name between the hash and the decode: never stored under the old hash."""
+    faces = ctx.faces_with("replaced.png", lambda p: Image.fromarray(_rgb(seed=4)).save(p))
+    _racing_read(ctx, monkeypatch, lambda p: Image.fromarray(_rgb(seed=5)).save(p, format="PNG"))
+    return ctx.query(faces)
+
+
 # --- the table --------------------------------------------------------------------------------------------
 
 
@@ -568,6 +617,16 @@ ROWS = [
     Row("faces-folders-differ-in-case", folders_differ_in_case, 2, r"differ only in letter case; merge or rename"),
     Row("faces-folders-differ-in-unicode-form", folders_differ_in_unicode_form, 2, r"both name 'Zoë Kravitz'"),
     Row("faces-csv-names-differ-in-case", csv_names_differ_in_case, 2, r"differs only in letter case .*\(line 2\)"),
+    Row("faces-same-photo-twice", photo_copied_under_another_name, 0,
+        r"warning: dropped 1 duplicate photo\(s\).*zz-copy\.png.*duplicate_photos", "warning"),
+    Row("faces-exif-sideways-jpeg", lambda c: c.query(c.faces_with("sideways.jpg", exif_sideways_jpeg)), 0, "",
+        "converted"),
+    Row("faces-larger-than-a-photo", photo_too_large, 0, r"file of \d+ bytes is larger than a photo may be",
+        "skipped"),
+    Row("faces-unreadable-after-hashing", photo_unreadable_after_hashing, 0,
+        r"cannot read: No such file .*tried again on the next run", "skipped"),
+    Row("faces-replaced-after-hashing", photo_replaced_after_hashing, 0, r"changed while the run read it .*SHA-256",
+        "skipped"),
     # index dir
     Row("index-missing", index_missing, 2, r"index dir .* does not exist; build one"),
     Row("index-not-an-index", index_not_an_index, 1, r"holds no manifest\.json"),

@@ -5,8 +5,11 @@ Every bad input must raise InputError whose one-line message names the file (and
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -550,8 +553,9 @@ def test_image_dataset_and_collate(image_files, tiny_model):
     assert len(ds) == len(keys)
 
     batch = [ds[i] for i in range(len(ds))]
-    for k, (pixels, sha, path, error) in zip(keys, batch):
+    for k, (pixels, sha, path, error, retry) in zip(keys, batch):
         assert sha == f"sha-{k}" and path == str(image_files[k][0])
+        assert not retry, k  # every failure here is the bytes' own: the store may remember it
         if image_files[k][1]:
             assert error is None, f"{k}: {error}"
             assert isinstance(pixels, torch.Tensor) and tuple(pixels.shape) == expected_shape, k
@@ -587,7 +591,7 @@ def _unnormalise(pixels: torch.Tensor, preprocess) -> torch.Tensor:
     ],
 )
 def test_decoded_colours(image_files, tiny_model, key, rgb):
-    pixels, _, _, error = ImageDataset([(image_files[key][0], "s")], tiny_model.preprocess)[0]
+    pixels, _, _, error, _ = ImageDataset([(image_files[key][0], "s")], tiny_model.preprocess)[0]
     assert error is None
     centre = _unnormalise(pixels, tiny_model.preprocess)[:, pixels.shape[1] // 2, pixels.shape[2] // 2]
     assert centre.tolist() == pytest.approx(list(rgb), abs=0.08)
@@ -596,7 +600,7 @@ def test_decoded_colours(image_files, tiny_model, key, rgb):
 def test_16bit_mid_grey_is_scaled_not_clipped(tmp_path, tiny_model):
     path = tmp_path / "mid16.png"
     Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(path)
-    pixels, _, _, error = ImageDataset([(path, "s")], tiny_model.preprocess)[0]
+    pixels, _, _, error, _ = ImageDataset([(path, "s")], tiny_model.preprocess)[0]
     assert error is None
     centre = _unnormalise(pixels, tiny_model.preprocess)[:, 16, 16]
     assert centre.tolist() == pytest.approx([128 / 255] * 3, abs=0.02)
@@ -747,3 +751,168 @@ def test_one_huge_line_of_names_is_refused_without_reading_it_whole(tmp_path):
     t0 = time.perf_counter()
     raises_input_error(read_names, f, must_name=[f"{f}:2", f"{MAX_LINE_BYTES} bytes"])
     assert time.perf_counter() - t0 < 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile photos through the real CLI: EXIF orientation, the same evidence twice
+# ----------------------------------------------------------------------------------------------------
+
+# The pixels stored for each EXIF orientation so that a viewer (exif_transpose) shows the upright photo:
+# the inverse of the transpose the tag asks for (2, 3, 4, 5, 7 are their own inverses).
+_STORED_FOR_ORIENTATION = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                           6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+                           8: Image.Transpose.ROTATE_270}
+
+
+def _cli(*args):
+    from idia_engine.cli.app import app
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def cli_index(tmp_path_factory, world, tiny_model_files):
+    """The world's 40 names built into an index with the tiny model, through the CLI."""
+    idx = tmp_path_factory.mktemp("hostile-index") / "idx"
+    config, ckpt = tiny_model_files
+    r = _cli("build-index", world["names_file"], "--index-dir", idx, "--model", config, "--pretrained", ckpt, "-q")
+    assert r.exit_code == 0, r.output
+    return idx
+
+
+def _query(faces_or_manifest: Path, idx: Path, out: Path, *extra) -> tuple[dict, list[dict], str]:
+    """Run query; (summary.json, images.csv rows, stderr)."""
+    source = ["--manifest", faces_or_manifest] if faces_or_manifest.suffix == ".csv" else [faces_or_manifest]
+    r = _cli("query", *source, "--index-dir", idx, "--out", out, "--store", out.parent / "store", "-q", *extra)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    with open(out / "predictions" / "images.csv", newline="", encoding="utf-8") as f:
+        return summary, list(csv.DictReader(f)), r.stderr
+
+
+def test_every_exif_orientation_gives_the_upright_photos_scores(tmp_path, world, cli_index, tiny_model):
+    person = world["people"][0]
+    source = sorted((world["faces"] / person.replace(" ", "_")).glob("*.png"))[0]
+    upright = Image.open(source).convert("RGB").crop((0, 0, 48, 30))  # not square: a rotation changes the shape
+    folder = tmp_path / "faces" / person.replace(" ", "_")
+    folder.mkdir(parents=True)
+    upright.save(folder / "upright.png")  # no EXIF at all
+    for orientation, stored_as in _STORED_FOR_ORIENTATION.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation  # the Orientation tag, as a phone writes it
+        (upright if stored_as is None else upright.transpose(stored_as)).save(folder / f"o{orientation}.png",
+                                                                              exif=exif)
+    # The test means something: the sideways pixels as stored give another embedding than the upright ones.
+    sideways = Image.open(folder / "o6.png").convert("RGB")
+    assert sideways.size == (30, 48)
+    raw = tiny_model.encode_images(torch.stack([tiny_model.preprocess(im) for im in (upright, sideways)]))
+    assert not np.allclose(raw[0], raw[1], atol=1e-3)
+
+    summary, images, _ = _query(tmp_path / "faces", cli_index, tmp_path / "report")
+    assert summary["skipped_files"] == [] and summary["counts"]["images_used"] == 9
+    assert summary["duplicate_photos"] == []  # other bytes (pixels laid out otherwise, EXIF): not copies
+    ids = np.load(tmp_path / "report" / "predictions" / "topk_ids.npy")
+    scores = np.load(tmp_path / "report" / "predictions" / "topk_scores.npy")
+    first = next(i for i, row in enumerate(images) if row["path"].endswith("upright.png"))
+    for i, row in enumerate(images):
+        assert (ids[i] == ids[first]).all(), row["path"]
+        np.testing.assert_allclose(scores[i], scores[first], atol=1e-5, err_msg=row["path"])
+
+
+def _photo(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_rng_rgb(40, 40, seed)).save(path)
+    return path
+
+
+def test_the_same_photo_twice_in_a_folder_votes_once(tmp_path, world, cli_index):
+    ann, bob = world["people"][:2]
+    a, b = tmp_path / "faces" / ann.replace(" ", "_"), tmp_path / "faces" / bob.replace(" ", "_")
+    _photo(a / "a.png", 1)
+    _photo(a / "b.png", 2)
+    shutil.copy(a / "a.png", a / "c-copy-of-a.png")
+    (a / "sub").mkdir()
+    shutil.copy(a / "b.png", a / "sub" / "a-copy-of-b.png")
+    (a / "d-link-to-a.png").symlink_to("a.png")
+    _photo(b / "x.png", 3)
+    shutil.copy(a / "a.png", b / "y-same-as-anns-a.png")  # another person: not a duplicate, both vote
+
+    summary, images, stderr = _query(tmp_path / "faces", cli_index, tmp_path / "report")
+    kept_a, kept_b = str(a / "a.png"), str(a / "b.png")
+    # Listing order is os.walk's: the folder's files by name, then sub-folders: the copy in sub/ is dropped.
+    assert summary["duplicate_photos"] == [
+        {"person": ann, "kept": kept_a, "dropped": str(a / "c-copy-of-a.png"), "sha256": _sha(a / "a.png")},
+        {"person": ann, "kept": kept_a, "dropped": str(a / "d-link-to-a.png"), "sha256": _sha(a / "a.png")},
+        {"person": ann, "kept": kept_b, "dropped": str(a / "sub" / "a-copy-of-b.png"), "sha256": _sha(a / "b.png")},
+    ]
+    assert summary["counts"]["duplicate_photos_dropped"] == 3
+    assert summary["counts"]["images_found"] == 7 and summary["counts"]["images_used"] == 4
+    assert summary["photos_shared_between_persons"] == [
+        {"sha256": _sha(a / "a.png"), "persons": [ann, bob], "paths": [kept_a, str(b / "y-same-as-anns-a.png")]}]
+    assert [(r["name"], r["path"]) for r in images] == [(ann, kept_a), (ann, kept_b), (bob, str(b / "x.png")),
+                                                        (bob, str(b / "y-same-as-anns-a.png"))]
+    assert re.search(r"warning: dropped 3 duplicate photo\(s\).*c-copy-of-a\.png", stderr)
+    assert re.search(r"warning: 1 photo\(s\) appear under more than one person", stderr)
+    with open(tmp_path / "report" / "persons.csv", newline="", encoding="utf-8") as f:
+        assert {r["name"]: int(r["n_images"]) for r in csv.DictReader(f)} == {ann: 2, bob: 2}
+    # evaluate reads the deduplicated rows as any report's
+    # evaluate reads the deduplicated rows as any report's (two members and two non-members: its bootstrap
+    # over persons needs two of each)
+    for other in world["people"][2:4]:
+        shutil.copytree(world["faces"] / other.replace(" ", "_"), tmp_path / "faces" / other.replace(" ", "_"))
+    _query(tmp_path / "faces", cli_index, tmp_path / "report")
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"name,member\n{ann},1\n{bob},0\n{world['people'][2]},1\n{world['people'][3]},0\n",
+                      encoding="utf-8")
+    r = _cli("evaluate", tmp_path / "report", "--labels", labels, "--n", "1,2", "--draws", "2")
+    assert r.exit_code == 0, r.output
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_manifest_listing_one_file_twice_votes_once_also_in_a_subset(tmp_path, world, cli_index):
+    ann = world["people"][0]
+    img = tmp_path / "img"
+    for i in range(4):
+        _photo(img / f"p{i}.png", 10 + i)
+    (img / "link.png").symlink_to("p0.png")
+    rows = ["img/p0.png", "./img/p0.png", "img/link.png", str(img / "p0.png"), "img/../img/p0.png",
+            "img/p1.png", "img/p2.png", "img/p3.png", "img/p1.png"]
+    manifest = tmp_path / "images.csv"
+    manifest.write_text("path,name\n" + "".join(f"{p},{ann}\n" for p in rows), encoding="utf-8")
+
+    summary, images, _ = _query(manifest, cli_index, tmp_path / "all")
+    assert [r["path"] for r in images] == [str(tmp_path / p) for p in ("img/p0.png", "img/p1.png", "img/p2.png",
+                                                                       "img/p3.png")]  # first line kept
+    # "./img/p0.png" and the absolute path read as the first line's path; the symlink and ".." do not.
+    assert [d["dropped"] for d in summary["duplicate_photos"]] == [
+        str(img / "p0.png"), str(img / "link.png"), str(img / "p0.png"), str(tmp_path / "img/../img/p0.png"),
+        str(img / "p1.png")]
+    assert {d["kept"] for d in summary["duplicate_photos"]} == {str(img / "p0.png"), str(img / "p1.png")}
+    assert summary["counts"]["duplicate_photos_dropped"] == 5
+
+    # A subset draws distinct photos: 3 of the 4, however many copies the draw met.
+    for seed in range(4):
+        summary, images, _ = _query(manifest, cli_index, tmp_path / f"subset-{seed}", "--images-per-person", "3",
+                                    "--seed", seed)
+        assert len(images) == 3 and len({r["sha256"] for r in images}) == 3
+        kept = {r["sha256"]: r["path"] for r in images}
+        assert all(kept[d["sha256"]] == d["kept"] for d in summary["duplicate_photos"])
+
+
+def test_choose_photos_without_copies_draws_as_before(tmp_path):
+    from idia_engine.engine.candidates.names_file import name_hash64
+    from idia_engine.engine.query.images import choose_photos
+
+    paths = [_photo(tmp_path / f"{i:02d}.png", i) for i in range(12)]
+    for seed in range(5):
+        rng = np.random.default_rng([seed, name_hash64("Anna Smith")])
+        before = [paths[i] for i in sorted(rng.choice(len(paths), size=5, replace=False))]
+        chosen = choose_photos("Anna Smith", paths, 5, seed)
+        assert chosen.paths == before and chosen.duplicates == []
+        assert chosen.shas == [_sha(p) for p in before]
+    assert choose_photos("Anna Smith", paths, None, 0).paths == paths

@@ -8,6 +8,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 from pathlib import Path
 
 import idia_engine.engine.query.store as store_mod
@@ -642,3 +643,115 @@ def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
             p.join(timeout=60)
         assert outcomes == ["ok"] * 6, outcomes
         assert json.loads((path / STORE_MANIFEST).read_text())["artifact"] == STORE_ARTIFACT
+
+
+# --- what query stores: one read per photo, only the bytes' own failures, the decode version -----------------
+
+
+def _cli(*args):
+    from idia_engine.cli.app import app
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def query_world(tmp_path_factory, world, tiny_model_files):
+    """An index of the world's names (tiny model, through the CLI) and a query function over a faces folder."""
+    root = tmp_path_factory.mktemp("store-query")
+    config, ckpt = tiny_model_files
+    r = _cli("build-index", world["names_file"], "--index-dir", root / "idx", "--model", config, "--pretrained",
+             ckpt, "-q")
+    assert r.exit_code == 0, r.output
+
+    def query(faces: Path, store: Path, out: Path) -> tuple[dict, dict, str]:
+        """(summary.json, run.json, stderr) of one query."""
+        r = _cli("query", faces, "--index-dir", root / "idx", "--store", store, "--out", out, "-q")
+        assert r.exit_code == 0, r.output
+        return (json.loads((out / "summary.json").read_text(encoding="utf-8")),
+                json.loads((out / "run.json").read_text(encoding="utf-8")), r.stderr)
+    return query
+
+
+def _faces(tmp_path: Path, world: dict, people: int = 2) -> Path:
+    import shutil
+
+    faces = tmp_path / "faces"
+    for name in world["people"][:people]:
+        shutil.copytree(world["faces"] / name.replace(" ", "_"), faces / name.replace(" ", "_"))
+    return faces
+
+
+def _store_namespace(s: EmbeddingStore, model, decode_version: int | None = None):
+    from idia_engine.engine.query.images import DECODE_VERSION
+    from idia_engine.engine.query.run import image_fingerprint
+
+    return s.namespace(image_fingerprint(model, decode_version or DECODE_VERSION), model.info.embed_dim)
+
+
+def _new_photo(path: Path, seed: int) -> bytes:
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path,
+                                                                                                    format="PNG")
+    return path.read_bytes()
+
+
+def test_a_photo_replaced_or_unreadable_between_hash_and_decode_is_not_stored(tmp_path, world, query_world,
+                                                                                tiny_model, monkeypatch):
+    import idia_engine.engine.query.images as images_mod
+
+    faces = _faces(tmp_path, world)
+    folder = faces / world["people"][0].replace(" ", "_")
+    replaced, vanishing = folder / "replaced.png", folder / "vanishing.png"
+    old_sha = hashlib.sha256(_new_photo(replaced, 1)).hexdigest()
+    vanishing_sha = hashlib.sha256(_new_photo(vanishing, 2)).hexdigest()
+    real_read, calls = images_mod.read_photo, []
+
+    def racing_read(path):
+        calls.append(Path(path))
+        if Path(path) == replaced:  # another photo takes its name between the hash and the decode
+            _new_photo(replaced, 3)
+        if Path(path) == vanishing:  # a transient failure: the file is back (unchanged) for the next run
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_read(path)
+    monkeypatch.setattr(images_mod, "read_photo", racing_read)
+    summary, run, stderr = query_world(faces, tmp_path / "store", tmp_path / "report")
+    assert sorted(calls) == sorted(p for p in faces.rglob("*.png"))  # each photo read once to be decoded
+    skipped = {s["path"]: s["reason"] for s in summary["skipped_files"]}
+    assert "changed while the run read it" in skipped[str(replaced)]
+    assert skipped[str(vanishing)].startswith("cannot read: Permission denied (after it was hashed; tried again")
+    assert summary["counts"]["images_used"] == 8 and run["images_encoded"] == 8
+    assert "2 photo(s) could not be read now and are skipped for this run" in stderr
+    with EmbeddingStore(tmp_path / "store") as s:
+        ns = _store_namespace(s, tiny_model)
+        # Neither photo's hash got an embedding nor a "does not decode" marker: nothing to trust for ever.
+        assert not s.contains(ns, [old_sha, vanishing_sha]).any()
+        assert s.failures(ns, [old_sha, vanishing_sha]) == {}
+
+    monkeypatch.setattr(images_mod, "read_photo", real_read)
+    summary, run, _ = query_world(faces, tmp_path / "store", tmp_path / "report")
+    assert summary["skipped_files"] == [] and summary["counts"]["images_used"] == 10
+    assert (run["images_encoded"], run["images_from_cache"]) == (2, 8)  # both tried again, the rest cached
+    new_sha = hashlib.sha256(replaced.read_bytes()).hexdigest()
+    with EmbeddingStore(tmp_path / "store") as s:
+        ns = _store_namespace(s, tiny_model)
+        assert s.contains(ns, [new_sha, vanishing_sha]).all() and not s.contains(ns, [old_sha]).any()
+        pixels = images_mod.ImageDataset([(replaced, new_sha)], tiny_model.preprocess, keys_are_sha256=True)[0]
+        np.testing.assert_allclose(s.get_many(ns, [new_sha])[0],
+                                   tiny_model.encode_images(pixels.pixels[None])[0], atol=1e-5)
+
+
+def test_embeddings_from_before_exif_orientation_are_not_reused(tmp_path, world, query_world, tiny_model):
+    faces = _faces(tmp_path, world, people=1)
+    photos = sorted(faces.rglob("*.png"))
+    shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in photos]
+    with EmbeddingStore(tmp_path / "store") as s:  # a store as an earlier version left it: decode version 1
+        legacy = _store_namespace(s, tiny_model, decode_version=1)
+        s.put_many(legacy, shas, embeddings(len(shas), dim=tiny_model.info.embed_dim))
+    summary, run, stderr = query_world(faces, tmp_path / "store", tmp_path / "report")
+    assert (run["images_encoded"], run["images_from_cache"]) == (len(shas), 0)
+    assert re.search(rf"warning: store .* holds embeddings of {len(shas)} of these photo\(s\) made before "
+                     r"idia-engine applied their EXIF orientation; they are not reused", stderr)
+    _, run, stderr = query_world(faces, tmp_path / "store", tmp_path / "report")
+    assert (run["images_encoded"], run["images_from_cache"]) == (0, len(shas)) and "EXIF" not in stderr

@@ -56,7 +56,8 @@ TOPK_COLUMNS = tuple(TOPK_SCHEMA.names)
 TOPK_CHUNK_ROWS = 1 << 16
 
 FILE_DESCRIPTIONS = {
-    "summary.json": "parameters, counts, skipped files and (with labels) metrics; identical for identical inputs",
+    "summary.json": "parameters, counts, skipped files, duplicate photos dropped (the same bytes twice for one "
+                    "person: one photo, one vote) and (with labels) metrics; identical for identical inputs",
     "run.json": "this run only: created_at, the command line (when run from the CLI), timings per stage, images "
                 "encoded now / found in the store",
     "persons.csv": "one row per person: name, n_images, score (0..T templates whose unique plurality is the "
@@ -269,8 +270,11 @@ def load_predictions(report_dir: Path, mmap: bool = True) -> Predictions:
 
 
 def build_summary(config, index, model, store_dir, collection, persons, images_used, rows, skipped,
-                  extra_names, votes, decisions, metrics, label_info, k) -> dict:
-    """summary.json: a function of the inputs and arguments alone (what varies per run goes to run.json)."""
+                  extra_names, votes, decisions, metrics, label_info, k, *, duplicates=(), shared=()) -> dict:
+    """summary.json: a function of the inputs and arguments alone (what varies per run goes to run.json).
+
+    `duplicates`: the files left out as copies of another photo of the same person (person, kept, dropped,
+    sha256); `shared`: the photos found under several persons (sha256, persons, paths), all of them used."""
     has_images = images_used > 0
     requested = config.images_per_person
     return {
@@ -296,6 +300,8 @@ def build_summary(config, index, model, store_dir, collection, persons, images_u
             "images_found": sum(len(v) for v in collection.persons.values()),
             "images_used": len(rows),
             "images_skipped": len(skipped),
+            "duplicate_photos_dropped": len(duplicates),
+            "photos_shared_between_persons": len(shared),
             "candidates": len(index.names) + len(extra_names),
             "candidates_added_for_this_run": len(extra_names),
             "top_k": k,
@@ -306,6 +312,8 @@ def build_summary(config, index, model, store_dir, collection, persons, images_u
         "candidates_added_for_this_run": extra_names,
         "persons_without_images": [p for p, n in zip(persons, images_used) if n == 0],
         "skipped_files": [asdict(s) for s in sorted(skipped, key=lambda s: s.path)],
+        "duplicate_photos": [asdict(d) for d in duplicates],  # per person in listing order
+        "photos_shared_between_persons": [asdict(s) for s in shared],
         "metrics": metrics,
         "labels": label_info,
         "files": FILE_DESCRIPTIONS,

@@ -2,9 +2,11 @@
 
 Stages, one function each below (each timed, each reporting progress):
 1. inputs   - open the index, find the images, read labels; everything is validated before any model work
-2. hash     - SHA-256 of every selected image file (the store key)
-3. encode   - images not yet in the LMDB store are decoded (DataLoader workers), encoded and committed
-              one batch per transaction; a rerun encodes nothing it already stored
+2. hash     - SHA-256 of every photo drawn (the store key); per person, files with the same bytes are one
+              photo (the first listed is kept, the others are reported in summary.json's duplicate_photos)
+3. encode   - images not yet in the LMDB store are read once, checked against their hash, decoded (EXIF
+              orientation applied; DataLoader workers), encoded and committed one batch per transaction; a
+              rerun encodes nothing it already stored
 4. search   - per template, image embeddings are streamed from the store in bounded chunks and searched
               (top-k, `search.py`); names of queried people missing from the index are scored beside it;
               approximate kinds then settle each (person, template) cell by witnesses and brute-force only
@@ -22,6 +24,7 @@ not committed, and every image is embedded in the same batch as it would have be
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +35,6 @@ import numpy as np
 import torch
 from idia_engine.indexes.gpu import GPU_MAX_K
 
-from ..candidates.names_file import name_hash64
 from ..disk.atomic import check_output_placement, staged_directory
 from ..disk.faults import fault_point
 from ..disk.textfiles import check_finite_number, check_whole_number
@@ -45,13 +47,15 @@ from ..model.load import DeviceChoice, LoadedModel, Precision, load_model
 from ..progress import Progress, no_progress
 from .cells import EXACT_STATUSES
 from .images import (
+    DECODE_VERSION,
+    DuplicatePhoto,
     ImageCollection,
     ImageDataset,
     Skipped,
-    collate_images,
+    choose_photos,
+    collate_for_store,
     collect_from_csv,
     collect_from_folder,
-    hash_images,
 )
 from .labels import read_labels
 from .metrics import label_metrics
@@ -71,6 +75,8 @@ from .search import SearchJob, search_all, status_counts
 from .settle import settle_cells
 from .store import EmbeddingStore, Namespace
 from .votes import PaperModeVotes, check_tau, paper_mode_votes
+
+log = logging.getLogger(__name__)
 
 
 MAX_TOP_K = GPU_MAX_K  # candidates kept per image and template (faiss on a GPU selects at most 2048)
@@ -153,22 +159,33 @@ class QueryInputs:
 
     index: NameIndex  # pins its data generation until the run ends
     collection: ImageCollection  # every person's photos found, and what was skipped while finding them
-    selected: dict[str, list[Path]]  # per person, the photos used (all, or a seeded subset)
     labels: dict[str, bool] | None
     missing: list[str]  # queried names not in the index: scored exactly beside it for this run
 
     @property
     def persons(self) -> list[str]:
-        return list(self.selected)
+        return list(self.collection.persons)
+
+
+@dataclass(frozen=True)
+class SharedPhoto:
+    """The same bytes among the photos of several persons: not a duplicate (each person's copy votes), but
+    worth a look (a photo filed under the wrong person?)."""
+
+    sha256: str  # the bytes
+    persons: list[str]  # who has them, in report order
+    paths: list[str]  # the file of each of them
 
 
 @dataclass(frozen=True)
 class HashedImages:
-    """Stage 2: every selected photo with its content hash (None: unreadable, then in `skipped`)."""
+    """Stage 2: every chosen photo with its content hash (None: unreadable, then in `skipped`)."""
 
-    flat: list[tuple[str, Path]]  # (person, photo) in report order
+    flat: list[tuple[str, Path]]  # (person, photo) in report order: per person distinct by content
     shas: list[str | None]
     skipped: list[Skipped]
+    duplicates: list[DuplicatePhoto]  # files left out as copies of another photo of the same person
+    shared: list[SharedPhoto]  # photos whose bytes appear under more than one person (all kept)
 
 
 @dataclass(frozen=True)
@@ -179,6 +196,7 @@ class EncodeOutcome:
     from_cache: int  # distinct images found in the store
     known_bad: int  # distinct images the store already knew not to decode
     undecodable: dict[str, str]  # sha -> why that content does not decode (now or before)
+    unread: dict[str, tuple[Path, str]]  # sha -> (the file, why its read failed now): not stored, retried next run
 
 
 @dataclass(frozen=True)
@@ -218,13 +236,12 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
         ns = store.namespace(image_fingerprint(model), model.info.embed_dim, config.store_dtype,
                              model=f"{model.info.model} ({model.info.pretrained}), {model.precision.value}")
         with timer.stage("hash"):
-            hashed = _hash(inputs, progress)
+            hashed = _hash(inputs, config, progress)
         with timer.stage("encode images"):
             encoded = _encode(model, store, ns, hashed, config, progress)
-        skipped = hashed.skipped + [Skipped(str(p), encoded.undecodable[sha])
-                                    for (_, p), sha in zip(hashed.flat, hashed.shas) if sha in encoded.undecodable]
+        skipped = hashed.skipped + _skipped_by_encode(hashed, encoded)
         rows = [(name, path, sha) for (name, path), sha in zip(hashed.flat, hashed.shas)
-                if sha is not None and sha not in encoded.undecodable]
+                if sha is not None and sha not in encoded.undecodable and sha not in encoded.unread]
         with timer.stage("encode missing names"):
             # Scored exactly beside the index, with ids after the index's names.
             extra_emb = encode_name_prompts(model, inputs.index.templates, inputs.missing) if inputs.missing else None
@@ -236,7 +253,7 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
             with timer.stage("decide"):
                 decision = _decide(inputs, person, true_ids, top1, status, config.tau)
             with timer.stage("write report"):
-                summary = _write_report(tmp, config, inputs, model, rows, skipped, decision, search_stats)
+                summary = _write_report(tmp, config, inputs, model, rows, skipped, hashed, decision, search_stats)
                 run = {"created_at": utc_now(), "command_line": config.command_line,
                        "images_encoded": encoded.encoded,
                        "images_from_cache": encoded.from_cache, "undecodable_from_store": encoded.known_bad,
@@ -256,45 +273,73 @@ def _read_inputs(config: QueryConfig) -> QueryInputs:
     collection = (collect_from_folder(config.faces_dir) if config.faces_dir is not None
                   else collect_from_csv(config.image_manifest))
     labels = read_labels(config.labels_file) if config.labels_file is not None else None
-    selected = select_images(collection, config.images_per_person, config.seed)
-    missing = [p for p in selected if index.name_id(p) is None]
+    missing = [p for p in collection.persons if index.name_id(p) is None]
     if missing and config.strict:
         raise InputError(
             f"{len(missing)} queried name(s) are not in index {config.index_dir} (e.g. {missing[0]!r}); "
             "add them to the names file and rebuild, or drop --strict to add them for this run"
         )
-    return QueryInputs(index, collection, selected, labels, missing)
+    return QueryInputs(index, collection, labels, missing)
 
 
-def select_images(collection: ImageCollection, n: int | None, seed: int) -> dict[str, list[Path]]:
-    """Per person, all images or a seeded random subset of n (without replacement, kept in path order).
+def image_fingerprint(model: LoadedModel, decode_version: int = DECODE_VERSION) -> str:
+    """Store namespace of a model's image embeddings: the weights, the forward-pass precision and how file
+    bytes became pixels (`images.DECODE_VERSION`: embeddings of photos decoded before EXIF orientation was
+    applied live under version 1's namespace, so they are never reused for the upright photo)."""
+    decoding = "" if decode_version == 1 else f"|decode{decode_version}"  # version 1 had no suffix
+    return hashlib.sha256(f"{model.info.fingerprint}|image|{model.precision.value}{decoding}".encode()).hexdigest()
 
-    Each person's draw depends only on (seed, name), not on which other people are queried.
-    """
-    if n is None:
-        return collection.persons
-    out = {}
-    for name, paths in collection.persons.items():
-        if len(paths) <= n:
-            out[name] = paths
-            continue
-        rng = np.random.default_rng([seed, name_hash64(name)])
-        out[name] = [paths[i] for i in sorted(rng.choice(len(paths), size=n, replace=False))]
+
+def _hash(inputs: QueryInputs, config: QueryConfig, progress: Progress) -> HashedImages:
+    """Stage 2: per person, the photos drawn (all, or --images-per-person of them), hashed, copies dropped."""
+    persons = inputs.collection.persons
+    progress("hash images", 0, len(persons))
+    flat: list[tuple[str, Path]] = []
+    shas: list[str | None] = []
+    skipped = list(inputs.collection.skipped)
+    duplicates: list[DuplicatePhoto] = []
+    for done, (name, paths) in enumerate(persons.items(), 1):
+        chosen = choose_photos(name, paths, config.images_per_person, config.seed)
+        flat += [(name, p) for p in chosen.paths]
+        shas += chosen.shas
+        skipped += chosen.unreadable
+        duplicates += chosen.duplicates
+        progress("hash images", done, len(persons))
+    if duplicates:
+        d = duplicates[0]
+        log.warning("dropped %d duplicate photo(s): the same bytes as another photo of the same person, which "
+                    "votes once (e.g. %s, a copy of %s, of %r); summary.json lists them under duplicate_photos",
+                    len(duplicates), d.dropped, d.kept, d.person)
+    shared = _shared_photos(flat, shas)
+    if shared:
+        log.warning("%d photo(s) appear under more than one person (e.g. %s of %r and %s of %r), each counted for "
+                    "each of them; summary.json lists them under photos_shared_between_persons", len(shared),
+                    shared[0].paths[0], shared[0].persons[0], shared[0].paths[1], shared[0].persons[1])
+    return HashedImages(flat, shas, skipped, duplicates, shared)
+
+
+def _shared_photos(flat: list[tuple[str, Path]], shas: list[str | None]) -> list[SharedPhoto]:
+    """The contents found under more than one person (each person has one copy at most: copies were dropped)."""
+    holders: dict[str, list[tuple[str, Path]]] = {}
+    for (name, path), sha in zip(flat, shas):
+        if sha is not None:
+            holders.setdefault(sha, []).append((name, path))
+    return [SharedPhoto(sha, [n for n, _ in who], [str(p) for _, p in who])
+            for sha, who in holders.items() if len(who) > 1]
+
+
+def _skipped_by_encode(hashed: HashedImages, encoded: EncodeOutcome) -> list[Skipped]:
+    """The chosen files the encode stage could not use: bytes that do not decode (every file with them), and
+    reads that failed now (the file that failed; other files with its bytes say so)."""
+    out = []
+    for (_, path), sha in zip(hashed.flat, hashed.shas):
+        if sha in encoded.undecodable:
+            out.append(Skipped(str(path), encoded.undecodable[sha]))
+        elif sha in encoded.unread:
+            failed, reason = encoded.unread[sha]
+            out.append(Skipped(str(path), reason if path == failed else
+                               f"the same bytes as {failed}, which could not be read now ({reason})"))
     return out
-
-
-def image_fingerprint(model: LoadedModel) -> str:
-    """Store namespace of a model's image embeddings: the weights and the forward-pass precision."""
-    return hashlib.sha256(f"{model.info.fingerprint}|image|{model.precision.value}".encode()).hexdigest()
-
-
-def _hash(inputs: QueryInputs, progress: Progress) -> HashedImages:
-    """Stage 2."""
-    flat = [(name, path) for name in inputs.persons for path in inputs.selected[name]]
-    progress("hash images", 0, len(flat))
-    shas, unreadable = hash_images([p for _, p in flat])
-    progress("hash images", len(flat), len(flat))
-    return HashedImages(flat, shas, list(inputs.collection.skipped) + unreadable)
 
 
 def _encode(model: LoadedModel, store: EmbeddingStore, ns: Namespace, hashed: HashedImages, config: QueryConfig,
@@ -309,30 +354,52 @@ def _encode(model: LoadedModel, store: EmbeddingStore, ns: Namespace, hashed: Ha
     todo = [(path, sha) for (sha, path), hit in zip(unique.items(), cached) if not hit and sha not in known_bad]
     if todo:
         store.require_writable(len(todo))  # before any encoding: a read-only store fails here
-    encoded, undecodable = _encode_missing(model, store, ns, todo, config, progress)
+        _warn_of_embeddings_before_exif(model, store, ns, [sha for _, sha in todo])
+    encoded, undecodable, unread = _encode_missing(model, store, ns, todo, config, progress)
     # A file whose bytes do not decode is skipped, and so is every other file with the same bytes.
     undecodable.update(known_bad)
-    return EncodeOutcome(encoded, len(unique) - len(todo) - len(known_bad), len(known_bad), undecodable)
+    return EncodeOutcome(encoded, len(unique) - len(todo) - len(known_bad), len(known_bad), undecodable,
+                         {sha: (unique[sha], reason) for sha, reason in unread.items()})
+
+
+def _warn_of_embeddings_before_exif(model: LoadedModel, store: EmbeddingStore, ns: Namespace,
+                                    shas: list[str]) -> None:
+    """Say so when photos about to be encoded have embeddings from before EXIF orientation was applied (decode
+    version 1): they are not reused (another namespace), which a user of the old store should know."""
+    legacy = Namespace(image_fingerprint(model, decode_version=1), ns.dim, ns.dtype)
+    n_legacy = int(store.contains(legacy, shas).sum())
+    if n_legacy:
+        log.warning("store %s holds embeddings of %d of these photo(s) made before idia-engine applied their EXIF "
+                    "orientation; they are not reused: the photos are encoded again (the old entries stay unused)",
+                    store.path, n_legacy)
 
 
 def _encode_missing(model: LoadedModel, store: EmbeddingStore, ns: Namespace, items: list[tuple[Path, str]],
-                    config: QueryConfig, progress: Progress) -> tuple[int, dict[str, str]]:
-    """Encode the (path, sha) items not yet stored; return (encoded count, {sha: why it did not decode})."""
-    dataset = ImageDataset(items, model.preprocess)
+                    config: QueryConfig, progress: Progress) -> tuple[int, dict[str, str], dict[str, str]]:
+    """Encode the (path, sha) items not yet stored; return (encoded count, {sha: why its bytes do not decode},
+    {sha: why the file could not be read now}). Only the first kind is stored: a read that failed or found
+    the file changed is tried again by the next run."""
+    dataset = ImageDataset(items, model.preprocess, keys_are_sha256=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
-                                         collate_fn=collate_images, shuffle=False)
-    encoded, failed, done = 0, {}, 0
+                                         collate_fn=collate_for_store, shuffle=False)
+    encoded, failed, unread, done = 0, {}, {}, 0
     progress("encode images", 0, len(items))
-    for pixels, shas, bad in loader:
+    for pixels, shas, bad, not_read in loader:
         failed.update(bad)
+        unread.update(not_read)
         emb = model.encode_images(pixels) if pixels is not None else np.zeros((0, ns.dim), np.float32)
         # One committed transaction per batch: its embeddings and its undecodable files together.
         store.put_many(ns, shas, emb, failures=bad)
         fault_point("query.encode.committed")
         encoded += len(shas)
-        done += len(shas) + len(bad)
+        done += len(shas) + len(bad) + len(not_read)
         progress("encode images", done, len(items))
-    return encoded, failed
+    if unread:
+        sha, reason = next(iter(unread.items()))
+        path = next(path for path, item_sha in items if item_sha == sha)
+        log.warning("%d photo(s) could not be read now and are skipped for this run, not remembered in the "
+                    "store (e.g. %s: %s)", len(unread), path, reason)
+    return encoded, failed, unread
 
 
 def _person_ids(inputs: QueryInputs, rows: list[tuple[str, Path, str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -393,8 +460,8 @@ def _decide(inputs: QueryInputs, person: np.ndarray, true_ids: np.ndarray, top1:
 
 
 def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: LoadedModel,
-                  rows: list[tuple[str, Path, str]], skipped: list[Skipped], decision: Decision,
-                  search_stats: dict) -> dict:
+                  rows: list[tuple[str, Path, str]], skipped: list[Skipped], hashed: HashedImages,
+                  decision: Decision, search_stats: dict) -> dict:
     """Stage 6 (all but run.json): the report files in the staging directory; returns summary.json's content."""
     persons, index = inputs.persons, inputs.index
     candidates = index.names + inputs.missing
@@ -407,7 +474,8 @@ def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: Lo
     images_used = decision.votes.n_images
     summary = build_summary(config, index, model, config.store_path, inputs.collection, persons, images_used, rows,
                             skipped, inputs.missing, decision.votes, decision.decisions, decision.metrics,
-                            decision.label_info, min(config.top_k, len(candidates)))
+                            decision.label_info, min(config.top_k, len(candidates)),
+                            duplicates=hashed.duplicates, shared=hashed.shared)
     summary["search"] = search_stats
     write_summary(tmp, summary)
     return summary

@@ -6,8 +6,14 @@ Key   b"x" + fingerprint (32 bytes) + sha256 of the image file (32 bytes)
 Value UTF-8 reason why the image did not decode (written in the same transaction as its batch)
 Meta  b"m" + fingerprint -> JSON {"dim", "dtype", "model"}: recorded once per model, checked on every use
 
-Because the model fingerprint is part of every key, embeddings of different models can share a store
-without ever mixing. Each `put_many` is one LMDB transaction: an interrupted run keeps every batch it
+The fingerprint `query` passes is its image fingerprint (`run.image_fingerprint`): the model's weights, the
+image forward-pass precision and the decode version (`images.DECODE_VERSION`: how file bytes become
+pixels, EXIF orientation applied since version 2). Because it is part of every key, embeddings of
+different models, precisions or decodings can share a store without ever mixing: those made before EXIF
+orientation was applied stay under their own fingerprint and are never reused (a query says so when it
+meets them). The SHA-256 is of the very bytes that were decoded (one read; `images.read_photo`), and only
+failures those bytes determine get a b"x" marker: a read that failed is retried by the next run.
+Each `put_many` is one LMDB transaction: an interrupted run keeps every batch it
 committed, with the images of that batch that did not decode, and resumes after it (so a rerun forms the
 same batches as an uninterrupted run). An image has an embedding or a failure marker, never both: an
 embedding written for it removes its marker. The b"x" key kind was added within schema 1: schema-1 readers
