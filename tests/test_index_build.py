@@ -205,3 +205,24 @@ def test_an_index_too_small_to_train_is_a_clear_error(tiny_spec, tmp_path):
         build_index(BuildConfig(names_file=names_file, index_dir=tmp_path / "idx", model=tiny_spec,
                                 templates=TWO_TEMPLATES, index_kind="IVF64,Flat"), model=model)
     assert "needs at least 64 names" in str(e.value)
+
+
+def test_names_with_an_earlier_names_tokens_are_dropped_listed_and_a_rerun_is_a_no_op(tiny_model, tiny_spec,
+                                                                                       tmp_path):
+    names = tiny_names(6, seed=2)
+    twins = [names[0].replace(" ", "  "), names[1].upper(), "Tom &amp; Jerry"]
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(names + ["Tom & Jerry"] + twins) + "\n", encoding="utf-8")
+    config = BuildConfig(names_file=path, index_dir=tmp_path / "idx", model=tiny_spec, templates=TWO_TEMPLATES,
+                         batch_size=64)
+    manifest = build_index(config, model=tiny_model)
+    assert manifest.num_names == 7 and manifest.duplicates_dropped == 0
+    assert manifest.token_duplicates == {"dropped": 3, "names": [
+        {"name": twins[0], "same_tokens_as": names[0]}, {"name": twins[1], "same_tokens_as": names[1]},
+        {"name": "Tom &amp; Jerry", "same_tokens_as": "Tom & Jerry"}]}
+    with open_index(tmp_path / "idx") as index:
+        assert index.names == names + ["Tom & Jerry"]
+    counting = CountingModel(tiny_model)
+    again = build_index(config, model=counting)  # the same inputs: no --overwrite needed, nothing encoded
+    assert counting.prompts == 0 and again.build_id == manifest.build_id
+

@@ -86,6 +86,67 @@ def test_read_names_tolerates_a_bom(tmp_path):
     assert read_names(f).names == ["Anna Smith", "Bob"]
 
 
+def test_read_names_drops_a_bom_opening_any_line(tmp_path):
+    """Two files concatenated: the second one's byte-order mark starts a line in the middle."""
+    f = tmp_path / "names.txt"
+    f.write_bytes("\ufeffAnna Smith\nBob\n".encode("utf-8") * 2)
+    got = read_names(f)
+    assert got.names == ["Anna Smith", "Bob"] and got.duplicates_dropped == 2
+
+
+# Each pair: two strings that open_clip's SimpleTokenizer (lower-casing, like the tiny model's) reads alike.
+SAME_TOKENS = [
+    ("Anna Smith", "Anna  Smith"),  # a run of spaces
+    ("Anna Smith", "Anna \t Smith"),  # a tab among them (only folders and CSV cells could hold one)
+    ("Anna Smith", "\ufeffAnna Smith"),  # a byte-order mark (ftfy removes it)
+    ("Anna Smith", "Anna\u00a0Smith"),  # a no-break space
+    ("Tom & Jerry", "Tom &amp; Jerry"),  # an HTML entity
+    ("Tom & Jerry", "Tom &amp;amp; Jerry"),  # unescaped twice
+    ("Anna Smith", "ANNA SMITH"),  # letter case
+    ("Anna Smith", "Ａｎｎａ Ｓｍｉｔｈ"),  # full-width letters
+    ("José Silva", "JosÃ© Silva"),  # mojibake
+    ("Jean-Paul Costa", "Jean - Paul Costa"),  # punctuation is a word of its own
+]
+
+
+@pytest.mark.parametrize("first, later", SAME_TOKENS)
+def test_names_with_the_same_tokens_are_twins(first, later, tiny_model):
+    from idia_engine.engine.candidates.identity import NameTokens, TokenTwin
+
+    tokens = NameTokens(tiny_model.tokenizer)
+    names = ["Bob Jones", first, "Anna Smithe", later, "Tom Jerry"]
+    assert tokens.twins(names) == [TokenTwin(later, first)]
+    assert tokens.find([later, "Nobody Else"], names) == {later: 1}
+
+
+def test_name_tokens_skeleton_never_separates_names_with_the_same_tokens(tiny_model):
+    """The cheap skeleton must be equal whenever the token ids are, and for plain ASCII equal that of the
+    cleaned text (the shortcut that skips ftfy)."""
+    import random
+
+    from idia_engine.engine.candidates.identity import NameTokens, _is_plain, _letters_and_digits
+
+    tok = tiny_model.tokenizer
+    tokens = NameTokens(tok)
+    rng = random.Random(0)
+    alphabet = "aAzZ -'._,&;#1\u00a0éÉÃ©ﬁＡ\u200b\ufeffİß"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(3000)]
+    skeleton_of: dict = {}
+    for text, key, skeleton in zip(texts, tokens.keys(texts), tokens.skeletons(texts)):
+        assert skeleton_of.setdefault(key, skeleton) == skeleton, text
+        if _is_plain(text):
+            assert skeleton == _letters_and_digits(tok.clean_fn(text)), text
+
+
+def test_name_tokens_of_a_tokenizer_without_encode_use_its_rows():
+    from idia_engine.engine.candidates.identity import NameTokens, TokenTwin
+
+    def case_sensitive(texts):  # no encode(): keyed by its rows
+        return np.array([[ord(c) for c in " ".join(t.split()).ljust(12)[:12]] for t in texts])
+    tokens = NameTokens(case_sensitive)
+    assert tokens.twins(["Anna Smith", "ANNA SMITH", "Anna  Smith"]) == [TokenTwin("Anna  Smith", "Anna Smith")]
+
+
 def test_read_names_missing_file(tmp_path):
     f = tmp_path / "nope.txt"
     raises_input_error(read_names, f, must_name=[str(f)])
@@ -645,115 +706,6 @@ def test_unreadable_text_inputs_are_input_errors(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Hostile inputs: typed artifact JSON, output placement, option domains, cost bounds
-# ----------------------------------------------------------------------------------------------------
-
-
-def test_artifact_schema_names_the_file_and_the_key(tmp_path):
-    from idia_engine.engine.disk.textfiles import REPORT_SUMMARY_SCHEMA, check_fields
-    from idia_engine.engine.errors import ArtifactError
-
-    good = {"schema_version": 1, "artifact": "idia-engine attack report", "parameters": {"tau": 1, "labels_file": None},
-            "index": {"templates": ["{0}"]}, "model": {}, "persons_without_images": []}
-    check_fields(good, REPORT_SUMMARY_SCHEMA, tmp_path / "summary.json", "run query again")
-    cases = [({"parameters": {"tau": "1", "labels_file": None}}, r"key 'parameters\.tau' must be a whole number or null"),
-             ({"parameters": []}, r"key 'parameters' must be an object or null, not a list"),
-             ({"index": []}, r"key 'index' must be an object or null, not a list"),
-             ({"index": {"templates": ["{0}", 3]}}, r"key 'index\.templates\[1\]' must be a string"),
-             ({"persons_without_images": "Anna"}, r"key 'persons_without_images' must be a list")]
-    for change, pattern in cases:
-        with pytest.raises(ArtifactError, match=pattern) as info:
-            check_fields({**good, **change}, REPORT_SUMMARY_SCHEMA, tmp_path / "summary.json", "run query again")
-        assert str(tmp_path / "summary.json") in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(ArtifactError, match=r"lacks the key 'artifact'"):
-        check_fields({k: v for k, v in good.items() if k != "artifact"}, REPORT_SUMMARY_SCHEMA, tmp_path / "s.json", "")
-
-
-def test_index_manifest_schema_covers_every_field():
-    from idia_engine.engine.index.layout import INDEX_MANIFEST_SCHEMA, MODEL_INFO_SCHEMA, IndexManifest
-    from idia_engine.engine.model.load import ModelInfo
-
-    assert set(INDEX_MANIFEST_SCHEMA.required) == set(IndexManifest.__dataclass_fields__)
-    assert set(MODEL_INFO_SCHEMA.required) == set(ModelInfo.__dataclass_fields__)
-
-
-def test_store_json_of_wrong_types_is_one_line(tmp_path):
-    import json
-
-    from idia_engine.engine.errors import ArtifactError
-    from idia_engine.engine.query.store import EmbeddingStore
-
-    with EmbeddingStore(tmp_path / "store"):
-        pass
-    manifest = tmp_path / "store" / "store.json"
-    obj = json.loads(manifest.read_text(encoding="utf-8"))
-    manifest.write_text(json.dumps({**obj, "library_versions": ["numpy"]}), encoding="utf-8")
-    with pytest.raises(ArtifactError, match=r"store\.json: key 'library_versions' must be an object"):
-        EmbeddingStore(tmp_path / "store")
-
-
-@pytest.mark.parametrize("out, inputs, pattern", [
-    ("faces/report", [("faces folder", "faces")], r"--out .*faces/report is inside the faces folder"),
-    ("idx", [("index dir", "idx")], r"is the index dir"),
-    ("rep", [("embedding store", "rep/store")], r"the embedding store .*rep/store is inside --out"),
-    (".", [], r"has no name of its own"),
-])
-def test_output_placement_is_refused(tmp_path, out, inputs, pattern):
-    from idia_engine.engine.disk.atomic import check_output_placement
-
-    with pytest.raises(InputError, match=pattern):
-        check_output_placement(tmp_path / out if out != "." else Path("."), "--out",
-                               [(what, tmp_path / p) for what, p in inputs])
-
-
-def test_staged_directory_refuses_a_symlink_and_keeps_its_target(tmp_path):
-    from idia_engine.engine.disk.atomic import staged_directory
-
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    (tmp_path / "link").symlink_to(tmp_path / "mine")
-    with pytest.raises(InputError, match=r"is a symbolic link"), \
-            staged_directory(tmp_path / "link", replace_existing=True) as tmp:
-        (tmp / "x").write_text("new")
-    assert (tmp_path / "link").is_symlink() and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine"]
-
-
-@pytest.mark.parametrize("make, pattern", [
-    (lambda: __import__("idia_engine.engine.query.run", fromlist=["QueryConfig"]).QueryConfig(
-        Path("idx"), Path("faces"), top_k=3000), r"--top-k must be <= 2048"),
-    (lambda: __import__("idia_engine.engine.query.run", fromlist=["QueryConfig"]).QueryConfig(
-        Path("idx"), Path("faces"), search_params={"nprobe": float("nan")}), r"--search-param nprobe must be"),
-    (lambda: __import__("idia_engine.engine.query.run", fromlist=["QueryConfig"]).QueryConfig(
-        Path("idx"), Path("faces"), top_k="10"), r"--top-k must be a whole number"),
-    (lambda: __import__("idia_engine.engine.evaluate.protocol", fromlist=["EvalConfig"]).EvalConfig(tau="1"),
-     r"--tau must be a whole number"),
-    (lambda: __import__("idia_engine.engine.evaluate.protocol", fromlist=["EvalConfig"]).EvalConfig(draws=10**9),
-     r"--draws must be <= 100000"),
-    (lambda: __import__("idia_engine.engine.evaluate.protocol", fromlist=["EvalConfig"]).EvalConfig(
-        confidence=float("nan")), r"confidence must be in \[0\.5, 1\)"),
-    (lambda: __import__("idia_engine.engine.compare.run", fromlist=["CompareConfig"]).CompareConfig(
-        Path("c"), tau=1.5), r"--tau must be a whole number"),
-    (lambda: __import__("idia_engine.engine.index.build", fromlist=["BuildConfig"]).BuildConfig(
-        Path("n.txt"), index_kind="PQ16x0"), r"parameter of 0"),
-])
-def test_config_dataclasses_refuse_values_outside_their_domain(make, pattern):
-    with pytest.raises(InputError, match=pattern) as info:
-        make()
-    assert "\n" not in str(info.value)
-
-
-def test_one_huge_line_of_names_is_refused_without_reading_it_whole(tmp_path):
-    from idia_engine.engine.candidates.names_file import MAX_LINE_BYTES
-
-    f = tmp_path / "names.txt"
-    f.write_bytes(b"Anna Smith\n" + b"A" * (10 << 20) + b"\nBob Jones\n")
-    t0 = time.perf_counter()
-    raises_input_error(read_names, f, must_name=[f"{f}:2", f"{MAX_LINE_BYTES} bytes"])
-    assert time.perf_counter() - t0 < 1.0
-
-
-# ----------------------------------------------------------------------------------------------------
 # Hostile photos through the real CLI: EXIF orientation, the same evidence twice
 # ----------------------------------------------------------------------------------------------------
 
@@ -916,3 +868,130 @@ def test_choose_photos_without_copies_draws_as_before(tmp_path):
         assert chosen.paths == before and chosen.duplicates == []
         assert chosen.shas == [_sha(p) for p in before]
     assert choose_photos("Anna Smith", paths, None, 0).paths == paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile inputs: typed artifact JSON, output placement, option domains, cost bounds
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_artifact_schema_names_the_file_and_the_key(tmp_path):
+    from idia_engine.engine.disk.textfiles import REPORT_SUMMARY_SCHEMA, check_fields
+    from idia_engine.engine.errors import ArtifactError
+
+    good = {"schema_version": 1, "artifact": "idia-engine attack report", "parameters": {"tau": 1, "labels_file": None},
+            "index": {"templates": ["{0}"]}, "model": {}, "persons_without_images": []}
+    check_fields(good, REPORT_SUMMARY_SCHEMA, tmp_path / "summary.json", "run query again")
+    cases = [({"parameters": {"tau": "1", "labels_file": None}}, r"key 'parameters\.tau' must be a whole number or null"),
+             ({"parameters": []}, r"key 'parameters' must be an object or null, not a list"),
+             ({"index": []}, r"key 'index' must be an object or null, not a list"),
+             ({"index": {"templates": ["{0}", 3]}}, r"key 'index\.templates\[1\]' must be a string"),
+             ({"persons_without_images": "Anna"}, r"key 'persons_without_images' must be a list")]
+    for change, pattern in cases:
+        with pytest.raises(ArtifactError, match=pattern) as info:
+            check_fields({**good, **change}, REPORT_SUMMARY_SCHEMA, tmp_path / "summary.json", "run query again")
+        assert str(tmp_path / "summary.json") in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ArtifactError, match=r"lacks the key 'artifact'"):
+        check_fields({k: v for k, v in good.items() if k != "artifact"}, REPORT_SUMMARY_SCHEMA, tmp_path / "s.json", "")
+
+
+def test_index_manifest_schema_covers_every_field():
+    from idia_engine.engine.index.layout import INDEX_MANIFEST_SCHEMA, MODEL_INFO_SCHEMA, IndexManifest
+    from idia_engine.engine.model.load import ModelInfo
+
+    assert set(INDEX_MANIFEST_SCHEMA.required) | set(INDEX_MANIFEST_SCHEMA.optional or {}) == \
+        set(IndexManifest.__dataclass_fields__)  # optional: keys added later, absent from older indexes
+    assert set(MODEL_INFO_SCHEMA.required) == set(ModelInfo.__dataclass_fields__)
+
+
+def test_store_json_of_wrong_types_is_one_line(tmp_path):
+    import json
+
+    from idia_engine.engine.errors import ArtifactError
+    from idia_engine.engine.query.store import EmbeddingStore
+
+    with EmbeddingStore(tmp_path / "store"):
+        pass
+    manifest = tmp_path / "store" / "store.json"
+    obj = json.loads(manifest.read_text(encoding="utf-8"))
+    manifest.write_text(json.dumps({**obj, "library_versions": ["numpy"]}), encoding="utf-8")
+    with pytest.raises(ArtifactError, match=r"store\.json: key 'library_versions' must be an object"):
+        EmbeddingStore(tmp_path / "store")
+
+
+@pytest.mark.parametrize("out, inputs, pattern", [
+    ("faces/report", [("faces folder", "faces")], r"--out .*faces/report is inside the faces folder"),
+    ("idx", [("index dir", "idx")], r"is the index dir"),
+    ("rep", [("embedding store", "rep/store")], r"the embedding store .*rep/store is inside --out"),
+    (".", [], r"has no name of its own"),
+])
+def test_output_placement_is_refused(tmp_path, out, inputs, pattern):
+    from idia_engine.engine.disk.atomic import check_output_placement
+
+    with pytest.raises(InputError, match=pattern):
+        check_output_placement(tmp_path / out if out != "." else Path("."), "--out",
+                               [(what, tmp_path / p) for what, p in inputs])
+
+
+def test_staged_directory_refuses_a_symlink_and_keeps_its_target(tmp_path):
+    from idia_engine.engine.disk.atomic import staged_directory
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    with pytest.raises(InputError, match=r"is a symbolic link"), \
+            staged_directory(tmp_path / "link", replace_existing=True) as tmp:
+        (tmp / "x").write_text("new")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine"]
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda: __import__("idia_engine.engine.query.run", fromlist=["QueryConfig"]).QueryConfig(
+        Path("idx"), Path("faces"), top_k=3000), r"--top-k must be <= 2048"),
+    (lambda: __import__("idia_engine.engine.query.run", fromlist=["QueryConfig"]).QueryConfig(
+        Path("idx"), Path("faces"), search_params={"nprobe": float("nan")}), r"--search-param nprobe must be"),
+    (lambda: __import__("idia_engine.engine.query.run", fromlist=["QueryConfig"]).QueryConfig(
+        Path("idx"), Path("faces"), top_k="10"), r"--top-k must be a whole number"),
+    (lambda: __import__("idia_engine.engine.evaluate.protocol", fromlist=["EvalConfig"]).EvalConfig(tau="1"),
+     r"--tau must be a whole number"),
+    (lambda: __import__("idia_engine.engine.evaluate.protocol", fromlist=["EvalConfig"]).EvalConfig(draws=10**9),
+     r"--draws must be <= 100000"),
+    (lambda: __import__("idia_engine.engine.evaluate.protocol", fromlist=["EvalConfig"]).EvalConfig(
+        confidence=float("nan")), r"confidence must be in \[0\.5, 1\)"),
+    (lambda: __import__("idia_engine.engine.compare.run", fromlist=["CompareConfig"]).CompareConfig(
+        Path("c"), tau=1.5), r"--tau must be a whole number"),
+    (lambda: __import__("idia_engine.engine.index.build", fromlist=["BuildConfig"]).BuildConfig(
+        Path("n.txt"), index_kind="PQ16x0"), r"parameter of 0"),
+])
+def test_config_dataclasses_refuse_values_outside_their_domain(make, pattern):
+    with pytest.raises(InputError, match=pattern) as info:
+        make()
+    assert "\n" not in str(info.value)
+
+
+def test_photo_shape_is_checked_from_the_header_before_decoding(tmp_path):
+    import io
+
+    from idia_engine.engine.query.images import MAX_ASPECT_RATIO, PhotoShapeError, decode_rgb
+
+    strip = io.BytesIO()
+    Image.new("L", (400_000, 1)).save(strip, format="PNG")
+    assert len(strip.getvalue()) < 2000  # tiny file, huge preprocessing: the attack
+    t0 = time.perf_counter()
+    with pytest.raises(PhotoShapeError, match=r"400000 x 1 pixels is not the shape of a photo"):
+        decode_rgb(strip.getvalue())
+    assert time.perf_counter() - t0 < 1.0
+    ok = io.BytesIO()
+    Image.new("RGB", (MAX_ASPECT_RATIO * 4, 4)).save(ok, format="PNG")
+    assert decode_rgb(ok.getvalue()).size == (MAX_ASPECT_RATIO * 4, 4)
+
+
+def test_one_huge_line_of_names_is_refused_without_reading_it_whole(tmp_path):
+    from idia_engine.engine.candidates.names_file import MAX_LINE_BYTES
+
+    f = tmp_path / "names.txt"
+    f.write_bytes(b"Anna Smith\n" + b"A" * (10 << 20) + b"\nBob Jones\n")
+    t0 = time.perf_counter()
+    raises_input_error(read_names, f, must_name=[f"{f}:2", f"{MAX_LINE_BYTES} bytes"])
+    assert time.perf_counter() - t0 < 1.0

@@ -90,8 +90,8 @@ def iter_name_lines(path: Path) -> Iterator[tuple[int, str]]:
                     f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
                     "save the names file as UTF-8"
                 ) from None
-            if lineno == 1 and line.startswith("\ufeff"):  # tolerate a byte-order mark
-                line = line[1:]
+            # A byte-order mark opens a file, and so also any line where two files were concatenated.
+            line = line.removeprefix("\ufeff")
             line = line.rstrip("\r\n")
             stripped = line.strip(" \t")  # a tab inside a name is an error, around it just whitespace
             if not stripped or stripped.startswith("#"):

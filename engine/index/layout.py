@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,9 @@ class IndexManifest:
     files: dict[str, int]  # data file -> size in bytes (checked on open)
     encode: dict[str, Any]  # device, precision, batch size, prompts, seconds
     library_versions: dict[str, str]
+    # Names dropped because the model's tokenizer gives them an earlier name's token ids: {"dropped": count,
+    # "names": [{"name", "same_tokens_as"}, ...] (the first 1000)}; absent ({}) in indexes built before it.
+    token_duplicates: dict[str, Any] = field(default_factory=dict)
     # SHA-256 of this manifest's canonical JSON without this field (manifest_checksum); required on reading.
     manifest_sha256: str = ""
 
@@ -105,7 +108,8 @@ INDEX_MANIFEST_SCHEMA = Fields(required={
     "source_names_file": STR, "duplicates_dropped": COUNT, "files": DictOf(COUNT), "encode": OBJECT,
     "library_versions": DictOf(STR),
     # Required: without it a hand-edited manifest could drop the checksum and be trusted unchecked.
-    "manifest_sha256": STR})
+    "manifest_sha256": STR},
+    optional={"token_duplicates": OBJECT})
 register_schema(INDEX_ARTIFACT, INDEX_MANIFEST_SCHEMA)
 _REBUILD = "rebuild the index"
 

@@ -263,9 +263,30 @@ def decode_rgb(data: bytes) -> Image.Image:
         # decode or raise regardless, and the warning would be a stray unformatted line on stderr.
         warnings.simplefilter("ignore", UserWarning)
         with Image.open(_FileBytes(data)) as img:
+            check_photo_shape(img)  # from the header, before any pixel is decoded
             img.seek(0)
             img.load()
             return as_rgb(upright(img))
+
+
+# Preprocessing scales a photo's shorter side to the model's input size (224 px), so its cost grows with the
+# aspect ratio, not the file size: a 1,248-byte PNG of 400,000 x 1 pixels is under Pillow's pixel limit and
+# would become 89,600,000 x 224 pixels (3.3 GB in preprocessing). No photo of a person is that shape; 20:1 is
+# wider than a phone's panorama, and bounds a preprocessed photo to 224 x 4,480 pixels.
+MAX_ASPECT_RATIO = 20
+
+
+class PhotoShapeError(ValueError):
+    """A photo whose header gives a shape no photo of a person has (skipped with this as its reason)."""
+
+
+def check_photo_shape(img: Image.Image) -> Image.Image:
+    """Raise PhotoShapeError for an image of more than MAX_ASPECT_RATIO:1 (its size is read from the header)."""
+    width, height = img.size
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise PhotoShapeError(f"{width} x {height} pixels is not the shape of a photo (at most "
+                              f"{MAX_ASPECT_RATIO}:1 is read, since preprocessing cost grows with the ratio)")
+    return img
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -331,7 +352,7 @@ class ImageDataset(torch.utils.data.Dataset):
         source, key = self.items[i]
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         if isinstance(source, Image.Image):
-            return self._preprocessed(lambda: as_rgb(upright(source)), key, str(source))
+            return self._preprocessed(lambda: as_rgb(upright(check_photo_shape(source))), key, str(source))
         try:
             data, sha = read_photo(source)
         except OSError as e:  # for query: vanished or became unreadable after it was listed and hashed
@@ -348,6 +369,8 @@ class ImageDataset(torch.utils.data.Dataset):
             return DecodedItem(self.preprocess(decode()), key, path, None, False)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return DecodedItem(None, key, path, f"decompression bomb refused by Pillow ({e})", False)
+        except PhotoShapeError as e:
+            return DecodedItem(None, key, path, str(e), False)
         except MemoryError:  # depends on this machine's memory now, not on the bytes alone
             return DecodedItem(None, key, path, "out of memory while decoding; tried again on the next run", True)
         except Exception as e:  # noqa: BLE001 - any decoder failure skips this file only
