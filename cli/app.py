@@ -88,9 +88,21 @@ def _progress_bars(enabled: bool) -> Iterator:
 
 
 @contextmanager
-def _errors_to_exit() -> Iterator[None]:
+def _errors_to_exit(location: Path | None = None) -> Iterator[None]:
+    """Library errors as one line and an exit code; `location` (the command's output) is where a full disk is
+    reported, if an error turns out to be one."""
+    from idia_engine.engine.disk.space import as_disk_full
+
     try:
-        yield
+        try:
+            yield
+        except (IdiaError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a writer's own failure (faiss, LMDB, numpy): a full disk is one line too
+            full = as_disk_full(e, location)
+            if full is None:
+                raise
+            raise full from None
     except IdiaError as e:
         # One line: the message is text, never rich markup (a path like faces/[2024]/ must survive).
         err.print(Text.assemble(("error:", "bold red"), " ", " ".join(str(e).splitlines())),
@@ -138,7 +150,7 @@ def build_index_cmd(
     from idia_engine.engine.index.build import BuildConfig, build_index
 
     _setup_logging(verbose)
-    with _errors_to_exit():
+    with _errors_to_exit(index_dir):
         templates = load_templates(templates_file) if templates_file is not None else PAPER_TEMPLATES
         config = BuildConfig(names_file=names_file, index_dir=index_dir, model=ModelSpec(model, pretrained),
                              templates=templates, index_kind=index_kind, device=device, precision=precision,
@@ -241,7 +253,7 @@ def query_cmd(
     from idia_engine.engine.query.run import QueryConfig, run_query
 
     _setup_logging(verbose)
-    with _errors_to_exit():
+    with _errors_to_exit(out_dir):
         config = QueryConfig(index_dir=index_dir, faces_dir=faces_dir, image_manifest=manifest, out_dir=out_dir,
                              store_dir=store, labels_file=labels, top_k=top_k, tau=tau,
                              images_per_person=images_per_person, seed=seed, strict=strict, device=device,
@@ -313,7 +325,7 @@ def demo_cmd(
     from idia_engine.engine.demo.world import HardKind
 
     _setup_logging(verbose)
-    with _errors_to_exit():
+    with _errors_to_exit(workdir):
         with _progress_bars(not quiet) as progress:
             result = run_demo(DemoConfig(workdir=workdir, seed=seed, **(SMALL_DEMO if small else {})), progress)
     world = result.world
@@ -372,7 +384,7 @@ def evaluate_cmd(
     from idia_engine.engine.evaluate.protocol import PAPER_N_VALUES, EvalConfig, eval_out_dir, evaluate_report
 
     _setup_logging(verbose)
-    with _errors_to_exit():
+    with _errors_to_exit(out_dir or report_dir):
         config = EvalConfig(n_values=_parse_n_values(n_values) if n_values else PAPER_N_VALUES, draws=draws,
                             seed=seed, tau=tau, headline_n=headline_n, out_dir=out_dir, redact=redact)
         _check_outputs_beside_reports(eval_out_dir(report_dir, config), [report_dir])
@@ -430,6 +442,8 @@ def print_evaluation(metrics: dict, out_dir: Path) -> None:
 def _with_interval(entry: dict) -> str:
     if entry.get("value") is None:
         return "n/a"
+    if entry.get("low") is None:  # too few people for an interval
+        return f"{entry['value']:.3f}"
     return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
 
@@ -458,7 +472,7 @@ def compare_cmd(
     from idia_engine.engine.compare.run import CompareConfig, compare_reports
 
     _setup_logging(verbose)
-    with _errors_to_exit():
+    with _errors_to_exit(out_dir):
         config = CompareConfig(out_dir=out_dir, labels_path=labels, overlap=overlap, tau=tau, seed=seed)
         _check_outputs_beside_reports(out_dir, reports)
         with _progress_bars(not quiet) as progress:
@@ -509,7 +523,7 @@ def labels_cmd(
     from idia_engine.engine.ground_truth.run import CaptionLabelsConfig, count_caption_labels
 
     _setup_logging(verbose)
-    with _errors_to_exit():
+    with _errors_to_exit(out_file):
         config = CaptionLabelsConfig(inputs=tuple(captions), names_file=names_file, out=out_file, column=column,
                                      case_sensitive=case_sensitive, min_occurrences=min_occurrences, workers=workers,
                                      ray=ray)
@@ -554,7 +568,7 @@ def bench_cmd(
     from rich.markdown import Markdown
 
     _setup_logging(verbose)
-    with _errors_to_exit():
+    with _errors_to_exit(out_dir):
         config = bench.BenchConfig(**bench.QUICK) if quick else bench.BenchConfig()
         changes: dict = {"out": out_dir or bench.default_out(), "device": device}
         if size:
@@ -597,7 +611,7 @@ def names_cmd(
     from idia_engine.engine.candidates.made_up import NamesConfig, write_made_up_names
 
     _setup_logging(verbose)
-    with _errors_to_exit():
+    with _errors_to_exit(out_file):
         result = write_made_up_names(NamesConfig(out=out_file, count=count, seed=seed, exclude_file=exclude,
                                                  first_names=first_names, surnames=surnames, overwrite=overwrite))
     gen = result.generated

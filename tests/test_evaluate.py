@@ -737,3 +737,12 @@ def test_a_users_file_in_an_earlier_evaluation_is_never_deleted(hand_report):
     with pytest.raises(InputError, match=r"holds plots/mine\.png, which no evaluation writes"):
         evaluate_report(report, labels, config)
     assert (report / "evaluation" / "plots" / "mine.png").read_bytes() == b"mine"
+
+
+def test_one_member_and_one_non_member_evaluate_without_intervals_they_cannot_have(tmp_path):
+    images = {k: v for k, v in HAND_IMAGES.items() if v[0] in ("Anna", "Carl")}
+    labels = write_labels(tmp_path / "labels.csv", {"Anna": True, "Carl": False})
+    metrics = evaluate_report(write_report(tmp_path / "report", images, CANDIDATES, labels), None, SMALL).metrics
+    paper = metrics["scores"]["full"]["paper"]
+    assert paper["AUC"]["value"] == approx(1.0) and paper["AUC"]["low"] is None
+    assert metrics["full"]["intervals"]["TPR"]["n"] == 1

@@ -95,6 +95,7 @@ def test_the_bootstrap_is_seeded_stratified_and_contains_the_value():
     point = stratified_bootstrap(auc_statistic, np.ones(5), np.zeros(5), seed=0, resamples=200)
     assert point.low == point.high == 1.0
     assert stratified_bootstrap(auc_statistic, np.ones(5), np.zeros(0), seed=0) is None
+    assert stratified_bootstrap(auc_statistic, np.ones(1), np.zeros(1), seed=0) is None  # 1 + 1 people
 
 
 def test_continuous_scores_by_hand():

@@ -126,8 +126,21 @@ def test_second_query_is_a_cache_hit_with_identical_output(tmp_path, world, tiny
     sum1, sum2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("r1", "r2"))
     assert sum1["parameters"].pop("workers") == 2 and sum2["parameters"].pop("workers") == 0
     assert sum1 == sum2  # everything but the arguments that differ
-    # Rerunning into the same report directory replaces it.
+    # Rerunning into the same report directory replaces it, its evaluation included ...
+    ok("evaluate", tmp_path / "r1", "--labels", _all_members(tmp_path, world), "--n", "1", "--draws", 2, "-q")
     ok("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r1", "-q")
+    # ... but never a file of the user's put there since: the replacement would delete it.
+    (tmp_path / "r1" / "my notes.txt").write_text("mine", encoding="utf-8")
+    r = invoke("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r1", "-q")
+    assert r.exit_code == 2 and "holds my notes.txt, which no report or its evaluation writes" in r.stderr
+    assert (tmp_path / "r1" / "my notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def _all_members(tmp_path: Path, world) -> Path:
+    path = tmp_path / "labels.csv"
+    path.write_text("name,member\n" + "".join(f"{p},{i % 2}\n" for i, p in enumerate(world["people"])),
+                    encoding="utf-8")
+    return path
 
 
 def test_labels_metrics_subsets_and_missing_names(tmp_path, world, tiny_model_files):

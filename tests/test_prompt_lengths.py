@@ -6,7 +6,6 @@ import random
 import time
 from collections import defaultdict
 
-import numpy as np
 import open_clip
 import pytest
 from idia_engine.engine.candidates.made_up import generate_names
@@ -158,17 +157,3 @@ def test_names_added_later_are_checked_against_the_earlier_ones(tiny_model):
     alone = check_prompt_lengths(tiny_model.tokenizer, TEMPLATES, index_names + ["Mei Kim"], 32,
                                  checked_before=len(index_names))
     assert alone.truncated_names == 0 and alone.collision_groups == 0 and alone.warning_lines() == []
-
-
-def test_case_twins_only_for_a_lower_casing_tokenizer():
-    from idia_engine.engine.candidates.prompt_lengths import case_twins
-
-    names = ["Anna Smith", "Bob Jones", "ANNA SMITH", "anna smith", "Bob jones"]
-    clip = open_clip.get_tokenizer("ViT-B-32")  # lower-cases
-    assert case_twins(clip, names) == [("Anna Smith", "ANNA SMITH"), ("Anna Smith", "anna smith"),
-                                       ("Bob Jones", "Bob jones")]
-
-    def case_sensitive(texts):
-        return np.array([[ord(c) for c in t.ljust(8)[:8]] for t in texts])
-    assert not (case_sensitive(["Ab Cd"]) == case_sensitive(["ab cd"])).all()  # the probe runs for real
-    assert case_twins(case_sensitive, names) == []

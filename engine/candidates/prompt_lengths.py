@@ -229,25 +229,3 @@ def _template_token_plan(tokenizer, templates: list[str]):
                 lambda names: _BYTES_FACTOR * _utf8_lengths(names) + _word_counts(names), exact_length)
     return (f"tokenizer {type(tokenizer).__name__} offers no untruncated token count (neither encode() nor a "
             "Hugging Face tokenizer)")
-
-
-def case_twins(tokenizer: Callable, names: list[str]) -> list[tuple[str, str]]:
-    """Pairs (first, later) of distinct names that differ only in letter case, when the tokenizer
-    lower-cases (open_clip's SimpleTokenizer does): their prompts are then the same token ids, so the two
-    names get identical embeddings and tie on every image. Empty for a case-sensitive tokenizer.
-    `identity.NameTokens.twins` finds these and every other spelling with the same tokens."""
-    try:
-        lower_cases = bool((tokenizer(["Ab Cd"]) == tokenizer(["ab cd"])).all())
-    except Exception:  # noqa: BLE001 - a tokenizer we cannot probe: no claim either way
-        return []
-    if not lower_cases:
-        return []
-    first: dict[str, str] = {}
-    twins = []
-    for name in names:
-        key = name.lower()
-        if key in first:
-            twins.append((first[key], name))
-        else:
-            first[key] = name
-    return twins

@@ -130,6 +130,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 def _interval(entry: dict | None) -> str:
     if not entry or entry.get("value") is None:
         return "n/a"
+    if entry.get("low") is None:  # too few people for an interval
+        return f"{entry['value']:.3f}"
     return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
 

@@ -91,3 +91,21 @@ def allocate_npy(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
             raise
         return np.lib.format.open_memmap(path, mode="r+")
     return array
+
+
+MIN_FREE_BYTES = 16 << 20  # an output whose disk has less than this free is refused before any work
+
+
+def require_free_space(location: Path, needed: int = 0, what: str = "the output") -> None:
+    """DiskFullError unless the disk holding `location` has `needed` bytes (and at least MIN_FREE_BYTES) free.
+
+    Checked before work starts: LMDB maps its lock file and numpy its arrays, and on a disk with no room
+    for their pages a write is a SIGBUS, which no handler can turn into a message."""
+    free = free_bytes(location)
+    if free is None:
+        return
+    want = max(int(needed), MIN_FREE_BYTES)
+    if free < want:
+        raise DiskFullError(f"not enough space for {what} on the disk holding {location}: about {_mib(want)} needed, "
+                            f"{_mib(free)} free; free space there or write to another disk (--out, --index-dir, "
+                            "--store or --workdir)")

@@ -68,10 +68,10 @@ def stratified_bootstrap(statistic: Callable[..., np.ndarray], member_scores: np
                          confidence: float = CONFIDENCE) -> Interval | None:
     """Percentile bootstrap interval of statistic(member scores, non-member scores, axis), persons resampled
     with replacement within each class. The statistic takes batches of resamples (arrays [..., n], reduced
-    over `axis`). None when a class is empty or the statistic is undefined."""
+    over `axis`). None when a class has fewer than 2 persons or the statistic is undefined."""
     pos = np.asarray(member_scores, float)
     neg = np.asarray(non_member_scores, float)
-    if not len(pos) or not len(neg):
+    if len(pos) < 2 or len(neg) < 2:  # one person of a class has no spread to resample: no interval
         return None
     if np.isnan(statistic(pos, neg)):
         return None

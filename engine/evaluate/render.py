@@ -326,7 +326,7 @@ def _plot_scores_roc(metrics: dict) -> bytes:
             continue
         fpr, tpr = (np.array(v, float) for v in zip(*points))
         auc = full["AUC"]
-        label = name if auc["value"] is None else f"{name}, AUC {auc['value']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]"
+        label = name if auc["value"] is None else f"{name}, AUC {_with_interval(auc['value'], auc)}"
         curves.append((label, fpr, tpr))
     positive = np.concatenate([np.r_[f, t] for _, f, t in curves]) if curves else np.zeros(0)
     positive = positive[positive > 0]

@@ -30,15 +30,17 @@ from typing import Any
 import numpy as np
 from idia_engine.indexes import IndexKind, backend_kinds, choose_index, get_backend, vectors_file
 
+from ..candidates.identity import NameTokens, TokenTwin
 from ..candidates.names_file import NameList, read_names
-from ..candidates.prompt_lengths import case_twins, check_prompt_lengths
+from ..candidates.prompt_lengths import check_prompt_lengths
 from ..candidates.templates import PAPER_TEMPLATES
 from ..disk.atomic import TMP_MARK, write_bytes_atomic, write_json_atomic
 from ..disk.faults import fault_point
 from ..disk.locks import exclusive_lock
+from ..disk.space import require_free_space
 from ..disk.textfiles import check_whole_number
 from ..disk.versions import library_versions, utc_now
-from ..errors import IdiaError, InputError
+from ..errors import ArtifactExistsError, IdiaError, InputError
 from ..model.load import DeviceChoice, LoadedModel, ModelSpec, Precision, load_model
 from ..progress import Progress, no_progress
 from .directory import check_index_dir_writable, finished_build, remove_stale_builds
@@ -53,6 +55,7 @@ from .layout import (
     PROGRESS_FILE,
     READERS_LOCK,
     IndexManifest,
+    existing_manifest,
     manifest_checksum,
     names_bytes,
 )
@@ -123,17 +126,27 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
     index_dir = Path(config.index_dir)
     name_list = read_names(config.names_file)
     names_sha = hashlib.sha256(names_bytes(name_list.names)).hexdigest()
-    check_index_dir_writable(index_dir, config.overwrite, names_sha, list(config.templates))
+    _check_writable_before_tokens(index_dir, config.overwrite, names_sha, list(config.templates))
     created = not index_dir.exists()
     index_dir.mkdir(parents=True, exist_ok=True)
     try:
         with exclusive_lock(index_dir / BUILD_LOCK, f"index dir {index_dir} (build-index)"):
             # Again, under the lock: another build may just have finished.
-            check_index_dir_writable(index_dir, config.overwrite, names_sha, list(config.templates))
+            _check_writable_before_tokens(index_dir, config.overwrite, names_sha, list(config.templates))
             if model is None:
                 model = load_model(config.model, config.device, config.precision)
-            plan = _plan(config, name_list, names_sha, model)
-            return finished_build(index_dir, plan.key, config.overwrite) or _build(config, plan, model, progress)
+            names, twins = _drop_token_twins(config.names_file, model, name_list.names)
+            if twins:  # the name table is now known: check against it what the first check had to leave open
+                names_sha = hashlib.sha256(names_bytes(names)).hexdigest()
+                check_index_dir_writable(index_dir, config.overwrite, names_sha, list(config.templates))
+            plan = _plan(config, name_list, names, twins, names_sha, model)
+            finished = finished_build(index_dir, plan.key, config.overwrite)
+            if finished:
+                return finished
+            # the raw vectors of the build directory and the index files beside them, before either is written
+            require_free_space(index_dir, 2 * len(plan.names) * len(plan.templates) * model.info.embed_dim * 4,
+                               "the index")
+            return _build(config, plan, model, progress)
     except BaseException:
         if created:  # leave no empty index directory behind, but keep any resumable work
             leftovers = [q for q in index_dir.iterdir() if q.name != BUILD_LOCK]
@@ -149,23 +162,59 @@ class BuildPlan:
     names: list[str]  # the name table: row i of every template index
     names_sha: str  # SHA-256 of names.txt
     duplicates_dropped: int  # duplicate names skipped while reading the names file
+    token_duplicates: dict[str, Any]  # names dropped for an earlier name's token ids (manifest token_duplicates)
     templates: list[str]
     kind: type[IndexKind]  # the index kind's class (registry)
     search_params: dict[str, Any]  # its default per-call search parameters
     reason: str  # why this kind (auto's choice, or "asked for")
     key: str  # hash of everything that determines the result: names the resumable build directory
-    prompt_lengths: dict[str, Any]  # truncated and colliding prompts, case twins (manifest encode.prompt_lengths)
+    prompt_lengths: dict[str, Any]  # truncated and colliding prompts (manifest encode.prompt_lengths)
 
 
-def _plan(config: BuildConfig, name_list: NameList, names_sha: str, model: LoadedModel) -> BuildPlan:
-    names, templates = name_list.names, list(config.templates)
+# How many token duplicates the manifest lists by name (all are counted): a bound on the manifest's size.
+MAX_TOKEN_DUPLICATES_LISTED = 1000
+
+
+def _check_writable_before_tokens(index_dir: Path, overwrite: bool, names_sha: str, templates: list[str]) -> None:
+    """`check_index_dir_writable` before the model's tokenizer has dropped token duplicates: an index whose
+    manifest says it dropped some holds a smaller name table than the file's, so whether it is of these same
+    names is decided after `_drop_token_twins` (a needless refusal here would ask for --overwrite)."""
+    try:
+        check_index_dir_writable(index_dir, overwrite, names_sha, templates)
+    except ArtifactExistsError:
+        current = existing_manifest(index_dir)
+        if current is None or current.get("templates") != templates \
+                or not current.get("token_duplicates", {}).get("dropped"):
+            raise
+
+
+def _drop_token_twins(names_file: Path, model: LoadedModel, names: list[str]) -> tuple[list[str], list[TokenTwin]]:
+    """The names without those whose token ids in the model's tokenizer equal an earlier name's (`Anna  Smith`,
+    `ANNA SMITH`, `Anna&amp;...` beside the same text written plainly): to the model they are one name, which
+    the earlier spelling would win every tie of. The first spelling is kept, like a duplicate's."""
+    twins = NameTokens(model.tokenizer).twins(names)
+    if not twins:
+        return names, []
+    log.warning("%s: dropped %d name(s) that the model's tokenizer reads as the same tokens as an earlier name, "
+                "first kept (e.g. %r = %r); the manifest lists them under token_duplicates", names_file, len(twins),
+                twins[0].name, twins[0].same_tokens_as)
+    dropped = {t.name for t in twins}
+    return [n for n in names if n not in dropped], twins
+
+
+def _plan(config: BuildConfig, name_list: NameList, names: list[str], twins: list[TokenTwin], names_sha: str,
+          model: LoadedModel) -> BuildPlan:
+    templates = list(config.templates)
     device = "cuda" if model.device.type == "cuda" else "cpu"
     kind, search_params, reason = resolve_index_kind(config.index_kind, len(names), len(templates),
                                                      model.info.embed_dim, device, config.memory_budget_bytes)
     kind_cls = get_backend(kind)
     log.info("index kind %s: %s", kind, reason)
+    token_duplicates = {"dropped": len(twins), "names": [
+        {"name": t.name, "same_tokens_as": t.same_tokens_as} for t in twins[:MAX_TOKEN_DUPLICATES_LISTED]]}
     return BuildPlan(names=names, names_sha=names_sha, duplicates_dropped=name_list.duplicates_dropped,
-                     templates=templates, kind=kind_cls, search_params=search_params, reason=reason,
+                     token_duplicates=token_duplicates, templates=templates, kind=kind_cls,
+                     search_params=search_params, reason=reason,
                      key=_build_key(names_sha, templates, model, kind, config.batch_size),
                      prompt_lengths=_check_prompts(config.names_file, model, templates, names))
 
@@ -178,14 +227,7 @@ def _check_prompts(names_file: Path, model: LoadedModel, templates: list[str], n
     lengths = check_prompt_lengths(model.tokenizer, templates, names, model.info.context_length)
     for line in lengths.warning_lines():
         log.warning("%s: %s", names_file, line)
-    prompt_lengths = {k: v for k, v in lengths.to_json().items() if k != "seconds"}
-    twins = case_twins(model.tokenizer, names)
-    if twins:
-        log.warning("%s: %d name(s) differ from an earlier one only in letter case (e.g. %r and %r); the model's "
-                    "tokenizer lower-cases, so their prompts are identical and they tie on every image",
-                    names_file, len(twins), *twins[0])
-    prompt_lengths["case_twins"] = len(twins)
-    return prompt_lengths
+    return {k: v for k, v in lengths.to_json().items() if k != "seconds"}
 
 
 def _build_key(names_sha: str, templates: list[str], model: LoadedModel, kind: str, batch_size: int) -> str:
@@ -306,6 +348,7 @@ def _manifest(config: BuildConfig, plan: BuildPlan, model: LoadedModel, build_id
         names_sha256=plan.names_sha,
         source_names_file=str(Path(config.names_file).resolve()),
         duplicates_dropped=plan.duplicates_dropped,
+        token_duplicates=plan.token_duplicates,
         files=files,
         encode={"device": str(model.device), "precision": model.precision.value, "batch_size": config.batch_size,
                 "text_path": model.text_path.value,

@@ -23,6 +23,7 @@ from idia_engine.indexes import vectors_file
 from ..candidates.templates import render
 from ..disk.atomic import write_json_atomic
 from ..disk.faults import fault_point
+from ..disk.space import allocate_npy
 from ..errors import ArtifactError
 from ..model.load import LoadedModel
 from .layout import PROGRESS_FILE
@@ -57,8 +58,8 @@ def save_progress(build_dir: Path, state: dict[str, Any]) -> None:
 
 def _open_vectors(path: Path, n: int, dim: int) -> tuple[BinaryIO, int]:
     """An .npy file of float32 [n, dim] opened for writing rows at offsets; returns (file, header bytes)."""
-    if not path.exists():
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+    if not path.exists():  # its blocks reserved now: a full disk is one line before any encoding, not mid-build
+        allocate_npy(path, np.float32, (n, dim)).flush()
     arr = np.load(path, mmap_mode="r")
     if arr.shape != (n, dim) or arr.dtype != np.float32:
         raise ArtifactError(f"{path} holds {arr.shape} {arr.dtype}, expected ({n}, {dim}) float32; "

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ..disk.atomic import write_json_atomic
+from ..disk.atomic import check_only_own_files, write_json_atomic
 from ..disk.versions import library_versions
 from ..errors import ArtifactError, ArtifactExistsError, InputError
 from .votes import NO_MODE, PaperModeVotes
@@ -96,12 +96,27 @@ def check_report_dir(out_dir: Path) -> None:
     summary = out_dir / SUMMARY
     if summary.is_file():
         try:
-            if json.loads(summary.read_text(encoding="utf-8")).get("artifact") == REPORT_ARTIFACT:
-                return
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            pass
+            earlier = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if isinstance(earlier, dict) and earlier.get("artifact") == REPORT_ARTIFACT:
+            check_only_own_files(out_dir, _files_of_report(out_dir, earlier), "--out", "report or its evaluation")
+            return
     if any(out_dir.iterdir()):
         raise ArtifactExistsError(f"--out {out_dir} is not empty and is not an idia-engine report; choose another --out")
+
+
+def _files_of_report(out_dir: Path, summary: dict) -> set[str]:
+    """Every file an earlier report lists as its own (relative POSIX paths): its summary's file table, run.json,
+    and the evaluation `evaluate` wrote into it (the files summary.json lists under "evaluation")."""
+    files = summary.get("files") if isinstance(summary.get("files"), dict) else {}
+    own = {SUMMARY, RUN, *FILE_DESCRIPTIONS, *files}
+    evaluation = summary.get("evaluation")
+    if isinstance(evaluation, dict):
+        own |= {f for f in evaluation.get("files") or [] if isinstance(f, str)}
+        if isinstance(evaluation.get("metrics"), str):
+            own.add(evaluation["metrics"])
+    return own
 
 
 def write_persons(path: Path, persons: list[str], votes: PaperModeVotes, decisions: np.ndarray,
@@ -270,11 +285,15 @@ def load_predictions(report_dir: Path, mmap: bool = True) -> Predictions:
 
 
 def build_summary(config, index, model, store_dir, collection, persons, images_used, rows, skipped,
-                  extra_names, votes, decisions, metrics, label_info, k, *, duplicates=(), shared=()) -> dict:
+                  extra_names, votes, decisions, metrics, label_info, k, *, duplicates=(), shared=(),
+                  same_tokens=None, added_prompt_lengths=None) -> dict:
     """summary.json: a function of the inputs and arguments alone (what varies per run goes to run.json).
 
     `duplicates`: the files left out as copies of another photo of the same person (person, kept, dropped,
-    sha256); `shared`: the photos found under several persons (sha256, persons, paths), all of them used."""
+    sha256); `shared`: the photos found under several persons (sha256, persons, paths), all of them used;
+    `same_tokens`: person -> the index name it was matched to by token ids (spelt otherwise);
+    `added_prompt_lengths`: build-index's prompt-length check run on `extra_names` (None when none)."""
+    same_tokens = same_tokens or {}
     has_images = images_used > 0
     requested = config.images_per_person
     return {
@@ -304,12 +323,15 @@ def build_summary(config, index, model, store_dir, collection, persons, images_u
             "photos_shared_between_persons": len(shared),
             "candidates": len(index.names) + len(extra_names),
             "candidates_added_for_this_run": len(extra_names),
+            "persons_matched_by_tokens": len(same_tokens),
             "top_k": k,
             "persons_below_requested_images": int((images_used < requested).sum()) if requested else 0,
             "decided_member": int((decisions & has_images).sum()),
             "decided_non_member": int((~decisions & has_images).sum()),
         },
         "candidates_added_for_this_run": extra_names,
+        "added_names_prompt_lengths": added_prompt_lengths,
+        "persons_matched_by_tokens": [{"person": p, "index_name": n} for p, n in same_tokens.items()],
         "persons_without_images": [p for p, n in zip(persons, images_used) if n == 0],
         "skipped_files": [asdict(s) for s in sorted(skipped, key=lambda s: s.path)],
         "duplicate_photos": [asdict(d) for d in duplicates],  # per person in listing order

@@ -28,15 +28,18 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from idia_engine.indexes.gpu import GPU_MAX_K
 
+from ..candidates.identity import NameTokens
+from ..candidates.prompt_lengths import check_prompt_lengths
 from ..disk.atomic import check_output_placement, staged_directory
 from ..disk.faults import fault_point
+from ..disk.space import allocate_npy, require_free_space
 from ..disk.textfiles import check_finite_number, check_whole_number
 from ..disk.versions import utc_now
 from ..errors import InputError
@@ -161,10 +164,19 @@ class QueryInputs:
     collection: ImageCollection  # every person's photos found, and what was skipped while finding them
     labels: dict[str, bool] | None
     missing: list[str]  # queried names not in the index: scored exactly beside it for this run
+    # person -> the index name with the same token ids in the model's tokenizer (`Anna  Smith` -> `Anna Smith`):
+    # the model cannot tell them apart, so the person is that index entry, not a name added beside it
+    same_tokens: dict[str, str] = field(default_factory=dict)
+    added_prompt_lengths: dict | None = None  # the build-time prompt-length check, run on the added names
 
     @property
     def persons(self) -> list[str]:
         return list(self.collection.persons)
+
+    def index_id(self, person: str) -> int | None:
+        """The index row of a person's true name (matched by tokens where the spelling differs), or None."""
+        found = self.index.name_id(person)
+        return found if found is not None else self.index.name_id(self.same_tokens.get(person, person))
 
 
 @dataclass(frozen=True)
@@ -232,6 +244,9 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
         if model is None:
             model = load_model(inputs.index.manifest.model_info.as_spec(), config.device, config.precision)
         inputs.index.check_model(model.info)
+    with timer.stage("match names"):
+        inputs = _match_names(inputs, model, config)
+    _require_space(inputs, model, config)
     with inputs.index, EmbeddingStore(config.store_path) as store:
         ns = store.namespace(image_fingerprint(model), model.info.embed_dim, config.store_dtype,
                              model=f"{model.info.model} ({model.info.pretrained}), {model.precision.value}")
@@ -273,13 +288,55 @@ def _read_inputs(config: QueryConfig) -> QueryInputs:
     collection = (collect_from_folder(config.faces_dir) if config.faces_dir is not None
                   else collect_from_csv(config.image_manifest))
     labels = read_labels(config.labels_file) if config.labels_file is not None else None
-    missing = [p for p in collection.persons if index.name_id(p) is None]
+    return QueryInputs(index, collection, labels, [p for p in collection.persons if index.name_id(p) is None])
+
+
+def _require_space(inputs: QueryInputs, model: LoadedModel, config: QueryConfig) -> None:
+    """Refuse, in one line, a store or report whose disk cannot hold what this run writes (an estimate from
+    the photos found: their embeddings, twice for LMDB's pages, and the report's arrays and tables), before
+    anything is opened: LMDB and numpy map their files, and a mapped page with no room is a SIGBUS."""
+    photos = sum(len(v) for v in inputs.collection.persons.values())
+    width = 2 if config.store_dtype == "float16" else 4
+    require_free_space(Path(config.store_path), 2 * photos * model.info.embed_dim * width, "the embedding store")
+    k = min(config.top_k, len(inputs.index.names) + len(inputs.missing))
+    per_prediction = 9 + 160  # the arrays (int32 id, float32 cosine, int8 status) and a topk.csv/parquet row
+    require_free_space(Path(config.out_dir).parent, photos * len(inputs.index.templates) * k * per_prediction,
+                       "the report")
+
+
+def _match_names(inputs: QueryInputs, model: LoadedModel, config: QueryConfig) -> QueryInputs:
+    """Persons matched to index names by what the model sees: the token ids of the name in its tokenizer
+    (`candidates/identity.py`), not the string. Two persons with the same tokens are an error (the model
+    cannot tell them apart); a person with the tokens of an index name is that entry (a warning says so);
+    only the rest are added for this run, and they get build-index's prompt-length checks. Runs once the
+    model's tokenizer is loaded, before anything is opened for writing."""
+    tokens, index = NameTokens(model.tokenizer), inputs.index
+    twins = tokens.twins(inputs.persons)
+    if twins:
+        t = twins[0]
+        raise InputError(f"{inputs.collection.source}: persons {t.same_tokens_as!r} and {t.name!r} are the same "
+                         f"token ids to the tokenizer of model {model.info.model}, which cannot tell them apart; "
+                         "put their photos under one name")
+    found = tokens.find(inputs.missing, index.names) if inputs.missing else {}
+    same = {p: index.names[i] for p, i in found.items()}
+    if same:
+        p = next(iter(same))
+        log.warning("%d person(s) have the token ids of an index name spelt otherwise and are scored as that name "
+                    "(e.g. %r as %r); summary.json lists them under persons_matched_by_tokens", len(same), p, same[p])
+    missing = [p for p in inputs.missing if p not in same]
     if missing and config.strict:
         raise InputError(
             f"{len(missing)} queried name(s) are not in index {config.index_dir} (e.g. {missing[0]!r}); "
             "add them to the names file and rebuild, or drop --strict to add them for this run"
         )
-    return QueryInputs(index, collection, labels, missing)
+    lengths = None
+    if missing:  # as build-index checks its names; the index's were checked then, collisions with them now
+        report = check_prompt_lengths(model.tokenizer, index.templates, index.names + missing,
+                                      model.info.context_length, checked_before=len(index.names))
+        for line in report.warning_lines():
+            log.warning("names added for this run: %s", line)
+        lengths = {k: v for k, v in report.to_json().items() if k != "seconds"}
+    return replace(inputs, missing=missing, same_tokens=same, added_prompt_lengths=lengths)
 
 
 def image_fingerprint(model: LoadedModel, decode_version: int = DECODE_VERSION) -> str:
@@ -408,7 +465,7 @@ def _person_ids(inputs: QueryInputs, rows: list[tuple[str, Path, str]]) -> tuple
     persons, index = inputs.persons, inputs.index
     person_index = {name: i for i, name in enumerate(persons)}
     candidate_id = {name: len(index.names) + i for i, name in enumerate(inputs.missing)}
-    true_ids = np.array([candidate_id[p] if p in candidate_id else index.name_id(p) for p in persons], np.int64)
+    true_ids = np.array([candidate_id[p] if p in candidate_id else inputs.index_id(p) for p in persons], np.int64)
     return np.array([person_index[n] for n, _, _ in rows], np.int64), true_ids
 
 
@@ -422,12 +479,9 @@ def _search(index: NameIndex, store: EmbeddingStore, ns: Namespace, rows: list[t
     k = min(config.top_k, len(index.names) + n_extra)
     pred_dir = tmp / PREDICTIONS
     pred_dir.mkdir()
-    ids_mm = np.lib.format.open_memmap(pred_dir / "topk_ids.npy", mode="w+", dtype=np.int32,
-                                       shape=(len(rows), n_templates, k))
-    scores_mm = np.lib.format.open_memmap(pred_dir / "topk_scores.npy", mode="w+", dtype=np.float32,
-                                          shape=(len(rows), n_templates, k))
-    status_mm = np.lib.format.open_memmap(pred_dir / TOP1_STATUS, mode="w+", dtype=np.int8,
-                                          shape=(len(rows), n_templates))
+    ids_mm = allocate_npy(pred_dir / "topk_ids.npy", dtype=np.int32, shape=(len(rows), n_templates, k))
+    scores_mm = allocate_npy(pred_dir / "topk_scores.npy", dtype=np.float32, shape=(len(rows), n_templates, k))
+    status_mm = allocate_npy(pred_dir / TOP1_STATUS, dtype=np.int8, shape=(len(rows), n_templates))
     by_cells = config.cells and config.exact_fallback and not index.kind.exact_search
     job = SearchJob(index=index, store=store, ns=ns, shas=[sha for _, _, sha in rows], extra_emb=extra_emb, k=k,
                     use_gpu=model.device.type == "cuda", chunk=config.search_chunk,
@@ -465,7 +519,7 @@ def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: Lo
     """Stage 6 (all but run.json): the report files in the staging directory; returns summary.json's content."""
     persons, index = inputs.persons, inputs.index
     candidates = index.names + inputs.missing
-    in_index = np.array([index.name_id(p) is not None for p in persons])
+    in_index = np.array([inputs.index_id(p) is not None for p in persons])
     write_persons(tmp / "persons.csv", persons, decision.votes, decision.decisions, inputs.labels, in_index)
     write_modes(tmp / "modes.csv", persons, decision.votes, candidates, decision.votes_exact)
     write_images_csv(tmp / PREDICTIONS / "images.csv", [(n, str(p), s) for n, p, s in rows])
@@ -475,7 +529,8 @@ def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: Lo
     summary = build_summary(config, index, model, config.store_path, inputs.collection, persons, images_used, rows,
                             skipped, inputs.missing, decision.votes, decision.decisions, decision.metrics,
                             decision.label_info, min(config.top_k, len(candidates)),
-                            duplicates=hashed.duplicates, shared=hashed.shared)
+                            duplicates=hashed.duplicates, shared=hashed.shared, same_tokens=inputs.same_tokens,
+                            added_prompt_lengths=inputs.added_prompt_lengths)
     summary["search"] = search_stats
     write_summary(tmp, summary)
     return summary
