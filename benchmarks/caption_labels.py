@@ -69,7 +69,7 @@ def regex_baseline(names: list[str], captions: list[str]) -> tuple[float, dict[i
 
 
 def run(rows: int, n_names: int, name_share: float, files: int, out_dir: Path | None, seed: int = 0,
-        regex_rows: int = 20_000) -> dict:
+        regex_rows: int = 2_000) -> dict:
     from .run import machine_info
 
     names = generate_names(n_names, seed=seed).names
@@ -129,9 +129,11 @@ def main() -> None:
     parser.add_argument("--names", type=int, default=100_000)
     parser.add_argument("--name-share", type=float, default=0.05)
     parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--regex-rows", type=int, default=2_000, help="captions the regex baseline reads")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    print(json.dumps(run(args.rows, args.names, args.name_share, args.files, args.out), indent=2))
+    print(json.dumps(run(args.rows, args.names, args.name_share, args.files, args.out, regex_rows=args.regex_rows),
+                     indent=2))
 
 
 if __name__ == "__main__":
