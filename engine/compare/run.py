@@ -19,17 +19,16 @@ non_members: the same two tests}}]; notes; files.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..disk.atomic import check_only_own_files, check_swappable, staged_directory, write_json_atomic
+from ..disk.atomic import check_replaceable_output, check_swappable, staged_directory, write_json_atomic
 from ..disk.textfiles import check_finite_number, check_whole_number
 from ..disk.versions import library_versions, utc_now
-from ..errors import ArtifactExistsError, InputError
+from ..errors import InputError
 from ..evaluate.intervals import BOOTSTRAP_RESAMPLES, CONFIDENCE, rate_entry, rate_sentence
 from ..evaluate.score_table import auc_statistic, value_with_interval
 from ..evaluate.scores import continuous_scores
@@ -152,21 +151,8 @@ def _pair_tests(a: ModelScores, b: ModelScores, keep: np.ndarray) -> dict:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise InputError(f"comparison output {out_dir} exists and is not a directory")
-    try:
-        earlier = json.loads((out_dir / COMPARISON_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        earlier = None
-    if isinstance(earlier, dict) and earlier.get("artifact") == COMPARE_ARTIFACT:
-        files = earlier.get("files") if isinstance(earlier.get("files"), dict) else {}
-        check_only_own_files(out_dir, {COMPARISON_FILE, *files}, "comparison output", "comparison")
-        return
-    if any(out_dir.iterdir()):
-        raise ArtifactExistsError(f"comparison output {out_dir} is not empty and holds no earlier comparison; "
-                                  "choose another --out")
+    """Refuse to replace anything but an earlier comparison, as it was written (or an empty directory)."""
+    check_replaceable_output(out_dir, COMPARISON_FILE, COMPARE_ARTIFACT, "comparison")
 
 
 def compare_reports(report_dirs: list[Path], config: CompareConfig,

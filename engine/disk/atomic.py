@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import InputError
+from ..errors import ArtifactExistsError, InputError
 from .locks import exclusive_lock, try_exclusive
 
 TMP_MARK = ".tmp-"
@@ -196,3 +196,24 @@ def check_only_own_files(folder: Path, own: set[str], flag: str, what: str) -> N
         if rel not in own:
             raise InputError(f"{flag} {folder} holds {rel}, which no {what} writes; replacing the folder would "
                              "delete it: move it out or choose another output folder")
+
+
+def check_replaceable_output(out_dir: Path, manifest: str, artifact: str, what: str) -> None:
+    """Refuse an output folder that is neither new, nor empty, nor an earlier `what` whose every file it
+    lists (its `manifest` JSON names the artifact and lists its files under "files")."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError(f"{what} output {out_dir} exists and is not a directory")
+    try:
+        earlier = json.loads((out_dir / manifest).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("artifact") == artifact:
+        files = earlier.get("files") if isinstance(earlier.get("files"), dict) else {}
+        check_only_own_files(out_dir, {manifest, *files}, f"{what} output", what)
+        return
+    if any(out_dir.iterdir()):
+        raise ArtifactExistsError(f"{what} output {out_dir} is not empty and holds no earlier {what}; "
+                                  "choose another output folder")

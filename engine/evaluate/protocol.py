@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..disk.atomic import check_only_own_files, check_swappable, staged_directory, write_json_atomic
+from ..disk.atomic import check_replaceable_output, check_swappable, staged_directory, write_json_atomic
 from ..disk.textfiles import check_finite_number, check_whole_number
 from ..disk.versions import library_versions, utc_now
-from ..errors import ArtifactExistsError, InputError
+from ..errors import InputError
 from ..progress import Progress, no_progress
 from ..query.labels import read_label_table
 from ..query.report import (
@@ -208,22 +208,8 @@ def population_sentences(full: dict, config: EvalConfig) -> list[str]:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to replace anything but an earlier evaluation (or an empty directory)."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise InputError(f"evaluation output {out_dir} exists and is not a directory")
-    try:
-        earlier = json.loads((out_dir / METRICS_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        earlier = None
-    if isinstance(earlier, dict) and earlier.get("artifact") == EVAL_ARTIFACT:
-        files = earlier.get("files") if isinstance(earlier.get("files"), dict) else {}
-        check_only_own_files(out_dir, {METRICS_FILE, *files}, "evaluation output", "evaluation")
-        return
-    if any(out_dir.iterdir()):
-        raise ArtifactExistsError(f"evaluation output {out_dir} is not empty and holds no earlier evaluation; "
-                                  "choose another output folder")
+    """Refuse to replace anything but an earlier evaluation, as it was written (or an empty directory)."""
+    check_replaceable_output(out_dir, METRICS_FILE, EVAL_ARTIFACT, "evaluation")
 
 
 def _relative_to_report(path: Path, report_dir: Path) -> str:
