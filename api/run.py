@@ -10,6 +10,7 @@ decisions and predicted names of `build_index` + `run_query`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
@@ -92,8 +93,9 @@ def attack(model: Model | LoadedModel, names: Sequence[str], photos: Mapping[str
     candidates = names + added
     added_set = set(added)
 
-    flat = [(person, i, src) for person, srcs in persons.items() for i, src in enumerate(srcs)]
+    flat, duplicates = _one_vote_per_photo(persons)
     emb, used, skipped = _encode_photos(loaded, flat, image_batch_size, progress)
+    skipped = duplicates + skipped
     person_index = {p: i for i, p in enumerate(persons)}
     person_of_image = np.array([person_index[flat[m][0]] for m in used], np.int64)
     true_ids = np.array([candidate_id[p] for p in persons], np.int64)
@@ -180,6 +182,45 @@ def _encode_photos(loaded: LoadedModel, flat: list[tuple[str, int, Photo]], batc
         log.warning("%d photo(s) skipped (e.g. %s: %s)", len(skipped), skipped[0].path, skipped[0].reason)
     emb = np.concatenate(parts) if parts else np.zeros((0, loaded.info.embed_dim), np.float32)
     return emb, used, skipped
+
+
+def _one_vote_per_photo(persons: Mapping[str, Sequence[Photo]]) -> tuple[list[tuple[str, int, Photo]], list[Skipped]]:
+    """(person, position, photo) of every photo once, as query counts them: within one person the same bytes
+    (a file given twice, under two paths, or equal PIL images: mode, size and pixels) are one photo with one
+    vote, the first kept; the others are skipped with the reason."""
+    flat, duplicates = [], []
+    for person, srcs in persons.items():
+        first: dict[str, str] = {}
+        for i, src in enumerate(srcs):
+            key = _content_key(src)
+            if key is not None and key in first:
+                duplicates.append(Skipped(_source_text(i, src), f"the same photo as {first[key]} of {person!r}: "
+                                                                 "one photo, one vote"))
+                continue
+            if key is not None:
+                first[key] = _source_text(i, src)
+            flat.append((person, i, src))
+    if duplicates:
+        log.warning("%d duplicate photo(s) dropped (e.g. %s: %s)", len(duplicates), duplicates[0].path,
+                    duplicates[0].reason)
+    return flat, duplicates
+
+
+def _content_key(src: Photo) -> str | None:
+    """SHA-256 of a file's bytes, or of a PIL image's mode, size and pixels; None for an unreadable file (its
+    decode then says why)."""
+    digest = hashlib.sha256()
+    if isinstance(src, Image.Image):
+        digest.update(f"{src.mode} {src.size}".encode())
+        digest.update(src.tobytes())
+        return "image:" + digest.hexdigest()
+    try:
+        with open(src, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return "file:" + digest.hexdigest()
 
 
 def _source_text(i: int, src: Photo) -> str:

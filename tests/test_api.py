@@ -114,6 +114,20 @@ def test_identity_is_what_the_model_sees(world, tiny_model):
     assert "\n" not in str(info.value)
 
 
+def test_the_same_photo_twice_votes_once(world, tiny_model, tmp_path):
+    """As query counts them: the same bytes under two paths, or two equal PIL images, are one photo."""
+    person = world["people"][0]
+    original = sorted((world["faces"] / person.replace(" ", "_")).iterdir())[0]
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(original.read_bytes())
+    red = Image.new("RGB", (40, 40), "red")
+    result = idia_engine.attack(tiny_model, world["names"], {person: [original, copy, red, red.copy()]},
+                                templates=["{0}"])
+    assert result.person(person).n_photos == 2
+    assert [s.path for s in result.skipped] == [str(copy), "<image 3>"]
+    assert all("one photo, one vote" in s.reason for s in result.skipped)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"tau": 0}, "--tau must be >= 1"),
     ({"templates": ["no placeholder"]}, "no placeholder"),
