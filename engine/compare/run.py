@@ -208,8 +208,8 @@ def compare_reports(report_dirs: list[Path], config: CompareConfig,
         pairs.append(entry)
     models = {r.label: _model_entry(r, s, members, config) for r, s in zip(reports, scores)}
     if members is not None:
+        m = members[~np.isnan(members)].astype(bool)
         for label, entry in models.items():
-            m = members[~np.isnan(members)].astype(bool)
             tp = entry["rates"]["TPR"]["k"]
             fp = entry["rates"]["FPR"]["k"]
             notes.append(f"{label}: " + rate_sentence("TPR", tp, int(m.sum()), "members", config.confidence)

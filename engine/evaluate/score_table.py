@@ -24,15 +24,13 @@ if TYPE_CHECKING:
     from .protocol import EvalConfig
 
 
-def population_scores(pop: Population, selected: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """score name -> float [L] for every person, from the selected images (all if None)."""
+def population_scores(pop: Population, selected: np.ndarray | None = None
+                      ) -> tuple[dict[str, np.ndarray], ContinuousScores]:
+    """(score name -> float [L] for every person, the continuous scores behind them), from the selected
+    images (all if None)."""
     rows = slice(None) if selected is None else selected
     cont = continuous_scores(pop.topk_ids[rows], pop.topk_scores[rows], pop.person_of_image[rows], pop.true_ids)
-    return cont.by_name(paper_scores(pop, selected))
-
-
-def population_continuous(pop: Population) -> ContinuousScores:
-    return continuous_scores(pop.topk_ids, pop.topk_scores, pop.person_of_image, pop.true_ids)
+    return cont.by_name(paper_scores(pop, selected)), cont
 
 
 def value_with_interval(statistic, scores: np.ndarray, members: np.ndarray, seed: int, resamples: int,
@@ -114,8 +112,7 @@ def _best_at_lowest_fpr(pop: Population, scores: dict[str, np.ndarray], config: 
 
 def scores_section(pop: Population, headline_n: int | None, config: EvalConfig) -> dict:
     """The "scores" section of metrics.json (see the module docstring)."""
-    full_scores = population_scores(pop)
-    cont = population_continuous(pop)
+    full_scores, cont = population_scores(pop)
     full = {name: _full_entry(values, pop.members, config) for name, values in full_scores.items()}
     headline = None
     if headline_n is not None:
@@ -124,7 +121,7 @@ def scores_section(pop: Population, headline_n: int | None, config: EvalConfig) 
         per_draw: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in SCORE_NAMES}
         members = pop.members[eligible]
         for d in range(config.draws):
-            for name, values in population_scores(pop, draws.select(headline_n, d)).items():
+            for name, values in population_scores(pop, draws.select(headline_n, d))[0].items():
                 values = values[eligible]
                 per_draw[name].append((roc_auc(values, members),
                                        [tpr_at_fpr(values, members, x) for x in config.low_fpr_targets]))
@@ -152,8 +149,7 @@ def scores_section(pop: Population, headline_n: int | None, config: EvalConfig) 
 
 def person_score_rows(pop: Population) -> list[list]:
     """One row per evaluated person: name, member, images, then every score (full report)."""
-    scores = population_scores(pop)
-    cont = population_continuous(pop)
+    scores, cont = population_scores(pop)
     images = pop.images_per_person
     return [[name, int(pop.members[i]), int(images[i]), int(scores["paper"][i]),
              *(json_number(float(scores[s][i])) for s in SCORE_NAMES[1:]),

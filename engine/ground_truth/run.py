@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def count_caption_labels(config: CaptionLabelsConfig, progress: Progress = no_pr
     else:
         pieces = [p for f in todo for p in pieces_of(f)]
         results = count_locally(pieces, names, config.case_sensitive, workers, config.batch_rows)
-    remaining = {f.path: sum(1 for p in pieces if p.file.path == f.path) for f in todo}
+    remaining = Counter(p.file.path for p in pieces)  # pieces of each file still to count
     partial: dict[Path, PieceCount] = {}
     progress("count names in captions", 0, len(pieces))
     for done, (piece, count) in enumerate(results, 1):
