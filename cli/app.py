@@ -540,6 +540,46 @@ def labels_cmd(
     out.print(f"labels: {result.labels_path} (manifest {config.manifest_path})", markup=False, highlight=False)
 
 
+@app.command("serve")
+def serve_cmd(
+    index_dir: Path = typer.Option(Path("idia-index"), "--index-dir", help="An index written by build-index."),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", help="A report `query` wrote over this index with labels: the page says where a score "
+                                  "falls among its members and non-members."),
+    reference_labels: Optional[Path] = typer.Option(
+        None, "--reference-labels", help="Labels of --reference (default: the file its summary.json records)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free one)."),
+    auditor: bool = typer.Option(False, "--auditor", help="Answers also name the names the model picked for each "
+                                 "photo (a reverse face search: for auditors of the model, not for the public)."),
+    keep: Optional[Path] = typer.Option(None, "--keep", help="Write each request's photos and answer into a folder "
+                                        "here (default: photos stay in memory and are written nowhere)."),
+    max_photos: int = typer.Option(30, "--max-photos", help="Photos per request."),
+    max_upload_mb: int = typer.Option(50, "--max-upload-mb", help="Largest request body in MB."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest photo in pixels (from its header, "
+                                   "before decoding: decompression bombs are refused)."),
+    top_k: int = typer.Option(10, "--top-k", help="Names kept per photo and template (the margin reads them)."),
+    tau: int = typer.Option(1, "--tau", help="Member iff score (templates won by the name) >= tau."),
+    resident_gib: float = typer.Option(8.0, "--resident-gib", help="Hold the name indexes in memory between requests "
+                                       "when they take at most this many GiB (else open them per request)."),
+    device: DeviceChoice = DeviceOpt,
+    precision: Precision = PrecisionOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """A web page and JSON API over a built index: upload photos, type a name, learn whether the model picks it."""
+    from idia_engine.engine.serve.server import serve
+    from idia_engine.engine.serve.settings import ServeSettings
+
+    _setup_logging(verbose)
+    with _errors_to_exit():
+        settings = ServeSettings(index_dir=index_dir, reference=reference, reference_labels=reference_labels,
+                                 host=host, port=port, auditor=auditor, keep_dir=keep, max_photos=max_photos,
+                                 max_upload_mb=max_upload_mb, max_pixels=max_pixels, top_k=top_k, tau=tau,
+                                 device=device, precision=precision, resident_gib=resident_gib)
+        serve(settings, on_ready=lambda url: out.print(f"serving {index_dir} at {url} (Ctrl-C stops; API docs at "
+                                                       f"{url}docs)", markup=False, highlight=False))
+
+
 @app.command("bench")
 def bench_cmd(
     size: Annotated[list[int] | None, typer.Option("--size", help="Label-space size N (repeatable; default "

@@ -123,6 +123,13 @@ class IndexKind(ABC):
         """Searchers covering every template once, loaded one at a time as the iterator advances (the one
         before is released then), so memory holds one searcher's index."""
 
+    @classmethod
+    def hold_searchers(cls, index: IndexData, *, use_gpu: bool) -> list[TemplateSearcher]:
+        """Searchers covering every template once, all loaded now and held until dropped: for a server that
+        answers many requests (memory holds every template's index). Default: the iterator's, for kinds
+        whose searchers are not released as it advances."""
+        return list(cls.open_searchers(index, use_gpu=use_gpu))
+
 
 class NameIndexBackend(IndexKind):
     """Top-k inner-product search over the embeddings of one template (one index per template)."""
@@ -220,6 +227,12 @@ class NameIndexBackend(IndexKind):
                 yield searcher
             finally:
                 searcher.release()
+
+    @classmethod
+    def hold_searchers(cls, index: IndexData, *, use_gpu: bool) -> list[TemplateSearcher]:
+        """Every template's searcher at once, never released (`IndexKind.hold_searchers`)."""
+        return [_BackendSearcher(t, index.load_template(t, use_gpu=use_gpu),
+                                 None if cls.exact_search else index.vectors(t)) for t in range(index.num_templates)]
 
 
 def _training_sample(rows: np.ndarray, backend: NameIndexBackend) -> np.ndarray:

@@ -48,3 +48,16 @@ def world(tmp_path_factory):
     write_faces(root / "faces", people, images_per_person=4, seed=1, size=48)
     return {"root": root, "names": names, "people": people, "names_file": root / "names.txt",
             "faces": root / "faces"}
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """`idia-engine demo --small` run once for the session: (its workdir, what it printed). The world, the
+    trained model, the index over its candidates, the report with labels and the held-out faces."""
+    from idia_engine.cli.app import app
+    from typer.testing import CliRunner
+
+    work = tmp_path_factory.mktemp("demo") / "idia-demo"
+    result = CliRunner().invoke(app, ["demo", "--small", "--workdir", str(work), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return work, result.output

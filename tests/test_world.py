@@ -32,14 +32,6 @@ from typer.testing import CliRunner
 SMALL_WORLD: WorldConfig = SMALL_DEMO["world"]
 
 
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
-    work = tmp_path_factory.mktemp("demo") / "idia-demo"
-    result = CliRunner().invoke(app, ["demo", "--small", "--workdir", str(work), "--quiet"])
-    assert result.exit_code == 0, result.output
-    return work, result.output
-
-
 def _persons(work):
     with open(work / "report" / "persons.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
