@@ -121,7 +121,7 @@ def server_info(settings: ServeSettings, scorer: IndexScorer, reference: Referen
     return {
         "index": {"names": len(scorer.index.names), "templates": len(scorer.templates),
                   "kind": manifest.index_kind, "exact": True, "held_in_memory": scorer.resident},
-        "model": {"model": manifest.model_info.model, "pretrained": manifest.model_info.pretrained,
+        "model": {"model": _shown(manifest.model_info.model), "pretrained": _shown(manifest.model_info.pretrained),
                   "fingerprint": manifest.model_info.fingerprint[:12], "device": str(scorer.model.device),
                   "precision": scorer.model.precision.value},
         "tau": settings.tau,
@@ -133,3 +133,10 @@ def server_info(settings: ServeSettings, scorer: IndexScorer, reference: Referen
             "report": reference.report_dir.name, "members": reference.n_members,
             "non_members": reference.n_non_members},
     }
+
+
+def _shown(spec: str | None) -> str | None:
+    """A model or weights spec as the page shows it: a local file by its name (the server's folders are its own)."""
+    if spec and ("/" in spec or "\\" in spec) and not spec.startswith("hf-hub:"):
+        return spec.replace("\\", "/").rsplit("/", 1)[-1]
+    return spec

@@ -48,6 +48,9 @@ def bind(host: str, port: int) -> socket.socket:
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Inherited by every accepted connection: without it a kept-alive connection's answer waits ~40 ms for
+    # the client's delayed ACK (Nagle), measured on loopback as 44 ms per /api/health instead of 2 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind(address)
         sock.listen(128)
