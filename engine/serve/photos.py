@@ -8,7 +8,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..query.images import decode_rgb
 from .upload import RequestError, UploadedFile
@@ -51,7 +51,8 @@ def decode_uploads(files: list[UploadedFile], max_pixels: int) -> tuple[list[Dec
         try:
             image = decode_rgb(upload.data)
         except Exception as e:  # noqa: BLE001 - Pillow raises many kinds; each is "not a usable image"
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = ("no image format Pillow reads" if isinstance(e, UnidentifiedImageError)
+                      else str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise RequestError(422, f"{label} is not an image this server can read ({reason}); "
                                     "choose image files (JPEG, PNG, WebP, ...)") from None
         decoded.append(DecodedPhoto(position, upload.filename, sha, image))
