@@ -299,3 +299,25 @@ def test_a_port_in_use_is_one_line():
     finally:
         sock.close()
 
+
+
+def test_an_approximate_index_gives_the_flat_answers(loaded, demo, tmp_path):
+    """Every top-1 is exact whatever the kind: IVF candidates re-ranked, certified, the rest brute-forced."""
+    from idia_engine.engine.index.build import BuildConfig, build_index
+
+    model = loaded.scorer.model
+    build_index(BuildConfig(names_file=demo["work"] / "names.txt", index_dir=tmp_path / "ivf",
+                            model=model.info.as_spec(), index_kind="IVF8,Flat", device="cpu"), model=model)
+    settings = ServeSettings(index_dir=tmp_path / "ivf", device="cpu")
+    ivf = load(settings, model)
+    try:
+        client = TestClient(ivf.app(settings))
+        flat = TestClient(loaded.app(replace(settings, index_dir=demo["work"] / "index")))
+        for person in (demo["member"], demo["non_member"]):
+            a = _attack(client, person, _photos(demo, person, 12))
+            b = _attack(flat, person, _photos(demo, person, 12))
+            assert (a["score"], a["templates"]) == (b["score"], b["templates"])
+            assert a["exact"]["exact_by_index"] == 0
+            assert a["exact"]["certified"] + a["exact"]["brute_forced"] == a["photos_used"] * 21
+    finally:
+        ivf.scorer.close()
