@@ -61,3 +61,12 @@ def small_demo(tmp_path_factory):
     result = CliRunner().invoke(app, ["demo", "--small", "--workdir", str(work), "--quiet"])
     assert result.exit_code == 0, result.output
     return work, result.output
+
+
+@pytest.fixture(scope="session")
+def cli_processes(tmp_path_factory):
+    """Starts real `idia-engine` processes, forked from a server that imported the engine once
+    (tests/cli_processes.py): each has its own pid, environment and exit status, and dies by a real SIGKILL."""
+    from cli_processes import CliProcesses
+
+    return CliProcesses(tmp_path_factory.mktemp("cli-processes"))

@@ -1,7 +1,9 @@
 """Processes and threads sharing one index and one embedding store.
 
 Two real `idia-engine query` processes over the same index and store at once; many processes with many
-threads reading one store; a reader table smaller than the threads that read.
+threads reading one store; a reader table smaller than the threads that read. The CLI processes are forks
+of a server that imported the engine once (tests/cli_processes.py): processes of their own, each with its
+locks and LMDB reader slots, without an interpreter's start-up each.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -41,7 +41,7 @@ def embeddings(n: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_two_query_processes_share_index_and_store(tmp_path, world, tiny_model_files):
+def test_two_query_processes_share_index_and_store(tmp_path, world, tiny_model_files, cli_processes):
     config, ckpt = tiny_model_files
     idx = tmp_path / "idx"
     result = CliRunner().invoke(app, ["build-index", str(world["names_file"]), "--index-dir", str(idx),
@@ -56,11 +56,9 @@ def test_two_query_processes_share_index_and_store(tmp_path, world, tiny_model_f
     distinct = set(shas)
     assert len(distinct) == len(shas) - 1
 
-    def query(out: Path) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "idia_engine.cli.app", "query", str(faces), "--index-dir", str(idx),
-             "--out", str(out), "--workers", "2", "--batch-size", "16", "-q"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "IDIA_OFFLINE": "1"})
+    def query(out: Path):
+        return cli_processes.start("query", faces, "--index-dir", idx, "--out", out, "--workers", 2,
+                                   "--batch-size", 16, "-q")
 
     outs = [tmp_path / "r1", tmp_path / "r2"]
     procs = [query(out) for out in outs]  # both started before either is waited for
@@ -79,7 +77,7 @@ def test_two_query_processes_share_index_and_store(tmp_path, world, tiny_model_f
     for p in procs:
         if p.poll() is None:
             p.kill()
-        outputs.append(p.communicate()[0].decode(errors="replace"))
+        outputs.append("".join(p.communicate()))
     for p, output in zip(procs, outputs):
         assert p.returncode == 0, output
         assert "ReadersFullError" not in output and "Traceback" not in output
@@ -162,43 +160,43 @@ def test_eight_processes_with_many_threads_read_one_store(tmp_path):
 
 
 def test_threads_wait_for_a_reader_slot(tmp_path, monkeypatch):
-    """py-lmdb opens with MDB_NOTLS: each read transaction in flight takes a slot. More threads than slots wait."""
+    """py-lmdb opens with MDB_NOTLS: each read transaction in flight takes a slot. A read that finds every slot
+    taken waits for one instead of failing; more threads than slots all get the right data."""
     monkeypatch.setattr(store_mod, "_MAX_READERS", 4)  # the first opener sizes the reader table
     path = tmp_path / "store"
     n = 2000
     fp = _filled(path, n)
+    waits = []
     with EmbeddingStore(path) as s:
         assert s.env.max_readers() == 4
-    waits = []
+        held = [s.env.begin() for _ in range(4)]  # every slot taken, for certain (no race to depend on)
 
-    class CountingTime:
-        monotonic = staticmethod(time.monotonic)
+        class SlotsFreeWhileWaiting:
+            monotonic = staticmethod(time.monotonic)
 
-        @staticmethod
-        def sleep(seconds: float) -> None:
-            waits.append(seconds)
-            time.sleep(seconds)
-    monkeypatch.setattr(store_mod, "time", CountingTime)
-    _reader_process(str(path), fp, n, 16, 10)
-    assert waits, "the reader table never filled up: the test proves nothing"
+            @staticmethod
+            def sleep(seconds: float) -> None:
+                waits.append(seconds)
+                while held:
+                    held.pop().abort()
+        monkeypatch.setattr(store_mod, "time", SlotsFreeWhileWaiting)
+        np.testing.assert_array_equal(s.get_many(s.namespace(fp, DIM), [sha(i) for i in range(50)]), embeddings(n)[:50])
+    assert waits and not held  # the read waited, and was answered once slots came free
+    monkeypatch.setattr(store_mod, "time", time)
+    _reader_process(str(path), fp, n, 16, 10)  # 16 threads over 4 slots: each waits its turn, none fails
 
 
 # --- build-index against running queries and builds -------------------------------------------------------
 
 
-def _cli_env(fault: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "IDIA_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "IDIA_COMMIT_EVERY_S": "0"}
-    env.pop("IDIA_FAULT", None)
-    if fault:
-        env["IDIA_FAULT"] = fault
-    return env
-
-
-def _cli(*args, fault: str | None = None, wait: bool = True):
-    cmd = [sys.executable, "-m", "idia_engine.cli.app", *map(str, args)]
-    if wait:
-        return subprocess.run(cmd, env=_cli_env(fault), capture_output=True, text=True, timeout=300)
-    return subprocess.Popen(cmd, env=_cli_env(fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def cli(cli_processes):
+    """`idia-engine ARGS` in a process of its own: run to its end, or (wait=False) started and left running."""
+    def run(*args, fault: str | None = None, wait: bool = True):
+        env = {"IDIA_COMMIT_EVERY_S": "0"}
+        return cli_processes.run(*args, fault=fault, env=env) if wait else \
+            cli_processes.start(*args, fault=fault, env=env)
+    return run
 
 
 def _locked_by_someone(lock: Path) -> bool:
@@ -214,7 +212,7 @@ def _locked_by_someone(lock: Path) -> bool:
         os.close(fd)
 
 
-def _wait_for(condition, what: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+def _wait_for(condition, what: str, proc, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert proc.poll() is None, f"the process ended before {what}: {proc.communicate()}"
@@ -223,24 +221,24 @@ def _wait_for(condition, what: str, proc: subprocess.Popen, seconds: float = 120
 
 
 @pytest.mark.slow
-def test_a_query_during_build_index_overwrite_sees_the_old_index_whole(tmp_path, world, tiny_model_files):
+def test_a_query_during_build_index_overwrite_sees_the_old_index_whole(tmp_path, world, tiny_model_files, cli):
     config, ckpt = tiny_model_files
     idx = tmp_path / "idx"
     old_names, new_names = tmp_path / "old.txt", tmp_path / "new.txt"
     old_names.write_text("\n".join(world["names"][:30]) + "\n", encoding="utf-8")
     new_names.write_text("\n".join(world["names"][10:]) + "\n", encoding="utf-8")
     build = ["build-index", "--index-dir", idx, "--model", config, "--pretrained", ckpt, "-q"]
-    assert _cli(*build[:1], old_names, *build[1:]).returncode == 0
+    assert cli(*build[:1], old_names, *build[1:]).returncode == 0
     old = json.loads((idx / "manifest.json").read_text())
     readers_lock = idx / old["data_dir"] / ".readers.lock"
 
     # The query opens the index, then waits (a fault point) with the old generation pinned until the
     # overwriting build has finished.
     go_on = tmp_path / "go-on"
-    query = _cli("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r", "--store", tmp_path / "s",
+    query = cli("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r", "--store", tmp_path / "s",
                  "-q", fault=f"query.index.opened:1:wait={go_on}", wait=False)
     _wait_for(lambda: _locked_by_someone(readers_lock), "the query to pin the old index", query)
-    rebuilt = _cli(*build[:1], new_names, *build[1:], "--overwrite")  # runs to the end meanwhile
+    rebuilt = cli(*build[:1], new_names, *build[1:], "--overwrite")  # runs to the end meanwhile
     go_on.touch()
     assert rebuilt.returncode == 0, rebuilt.stderr
     new = json.loads((idx / "manifest.json").read_text())
@@ -253,28 +251,29 @@ def test_a_query_during_build_index_overwrite_sees_the_old_index_whole(tmp_path,
     candidates = (tmp_path / "r" / "predictions" / "candidates.txt").read_text(encoding="utf-8").splitlines()
     assert candidates == world["names"][:30]
 
-    again = _cli("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r2", "--store", tmp_path / "s",
+    again = cli("query", world["faces"], "--index-dir", idx, "--out", tmp_path / "r2", "--store", tmp_path / "s",
                  "-q")
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "r2" / "summary.json").read_text())["index"]["build_id"] == new["build_id"]
     # Nobody reads the old generation any more: the next build (here a no-op rerun) removes it.
-    assert _cli(*build[:1], new_names, *build[1:]).returncode == 0
+    assert cli(*build[:1], new_names, *build[1:]).returncode == 0
     assert not (idx / old["data_dir"]).exists()
 
 
 @pytest.mark.slow
-def test_a_second_build_of_the_same_index_dir_is_refused_while_the_first_runs(tmp_path, world, tiny_model_files):
+def test_a_second_build_of_the_same_index_dir_is_refused_while_the_first_runs(tmp_path, world, tiny_model_files,
+                                                                              cli):
     config, ckpt = tiny_model_files
     idx = tmp_path / "idx"
     build = ["build-index", world["names_file"], "--index-dir", idx, "--model", config, "--pretrained", ckpt,
              "--batch-size", 8, "-q"]
     go_on = tmp_path / "go-on"
-    first = _cli(*build, fault=f"build.encode.committed:1:wait={go_on}", wait=False)
+    first = cli(*build, fault=f"build.encode.committed:1:wait={go_on}", wait=False)
     _wait_for(lambda: any(idx.glob(".build-*/progress.json")), "the first build to commit", first)
-    second = _cli(*build)
+    second = cli(*build)
     go_on.touch()
     assert second.returncode == 1
     assert "in use by another process (pid" in second.stderr and len(second.stderr.strip().splitlines()) == 1
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr  # the first build was not disturbed
-    assert _cli(*build).returncode == 0  # and now the directory is free (a no-op: the same inputs)
+    assert cli(*build).returncode == 0  # and now the directory is free (a no-op: the same inputs)

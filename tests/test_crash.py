@@ -1,19 +1,19 @@
-"""kill -9 at chosen moments of build-index and query (real subprocesses, real SIGKILL).
+"""kill -9 at chosen moments of build-index and query (real processes, real SIGKILL).
 
 After each kill, the rerun with the same arguments must finish, reuse what the killed run committed (no
 prompt or image batch encoded twice), and write the same bytes as a run that was never interrupted. The
 moments are fault points (engine/faults.py: IDIA_FAULT=<point>:<n>:kill makes the process SIGKILL
-itself there); one test also kills from outside at whatever moment the build has reached.
+itself there); one test also kills from outside at whatever moment the build has reached. The processes
+are forks of a server that imported the engine once (tests/cli_processes.py), not new interpreters: each
+is still a process of its own, with its own environment, and dies by a real SIGKILL.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,23 +23,24 @@ from idia_engine.engine.demo.tiny_model import tiny_names
 
 pytestmark = pytest.mark.slow
 
-CLI = [sys.executable, "-m", "idia_engine.cli.app"]
 TEMPLATES = ["a photo of {0}", "{0} at a gala", "an image of {0}", "{0} smiling", "a portrait of {0}"]
 NAMES = 120  # x 5 templates, in batches of 32: 4 batches per template, a commit after each
 BUILD_BATCH = 32
 QUERY_BATCH = 4  # 6 persons x 5 images (+2 undecodable files): 8 encode batches
 
 
-def run_cli(*args, fault: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "IDIA_OFFLINE": "1", "IDIA_COMMIT_EVERY_S": "0",
-           "OMP_NUM_THREADS": "1"}
-    env.pop("IDIA_FAULT", None)
-    if fault:
-        env["IDIA_FAULT"] = fault
-    proc = subprocess.run(CLI + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+ENV = {"IDIA_COMMIT_EVERY_S": "0", "OMP_NUM_THREADS": "1"}  # a commit after every batch
+
+
+@pytest.fixture(scope="module")
+def run_cli(cli_processes):
+    """`idia-engine ARGS` in a process of its own; `fault` asks it to SIGKILL itself at a fault point."""
+    def run(*args, fault: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        proc = cli_processes.run(*args, fault=fault, env=ENV)
+        if check:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+    return run
 
 
 def killed(proc: subprocess.CompletedProcess) -> bool:
@@ -47,7 +48,7 @@ def killed(proc: subprocess.CompletedProcess) -> bool:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_model_files):
+def setup(tmp_path_factory, tiny_model_files, run_cli):
     root = tmp_path_factory.mktemp("crash")
     names = tiny_names(NAMES, seed=3)
     (root / "names.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
@@ -106,7 +107,7 @@ def committed_prompts(idx: Path) -> int:
     return sum(json.loads((build_dir / "progress.json").read_text())["rows"])
 
 
-def uninterrupted_report(setup, tmp_path: Path, store: Path) -> dict[str, bytes]:
+def uninterrupted_report(run_cli, setup, tmp_path: Path, store: Path) -> dict[str, bytes]:
     """The report of an uninterrupted run with the same arguments (the store path is one of them),
     from an empty store, which is then removed again."""
     run_cli(*setup["query"], "--out", tmp_path / "uninterrupted", "--store", store)
@@ -124,7 +125,7 @@ def no_temporaries(folder: Path) -> list[str]:
     ("build.encode.committed", 6),   # template 1, second batch: some of a template's rows on disk
     ("build.template.indexed", 2),   # two templates encoded and indexed
 ])
-def test_build_killed_while_encoding_resumes_and_matches(setup, tmp_path, point, hit):
+def test_build_killed_while_encoding_resumes_and_matches(run_cli, setup, tmp_path, point, hit):
     idx = tmp_path / "idx"
     proc = run_cli(*setup["build"], "--index-dir", idx, fault=f"{point}:{hit}:kill", check=False)
     assert killed(proc), proc.stderr[-2000:]
@@ -141,7 +142,7 @@ def test_build_killed_while_encoding_resumes_and_matches(setup, tmp_path, point,
                                                             f"data-{manifest(idx)['build_id']}"])
 
 
-def test_build_killed_between_publishing_and_the_manifest(setup, tmp_path):
+def test_build_killed_between_publishing_and_the_manifest(run_cli, setup, tmp_path):
     idx = tmp_path / "idx"
     proc = run_cli(*setup["build"], "--index-dir", idx, fault="build.data.published:1:kill", check=False)
     assert killed(proc)
@@ -155,7 +156,7 @@ def test_build_killed_between_publishing_and_the_manifest(setup, tmp_path):
     assert_same_index(idx, setup["ref_idx"])
 
 
-def test_build_killed_after_the_manifest_reruns_as_a_no_op(setup, tmp_path):
+def test_build_killed_after_the_manifest_reruns_as_a_no_op(run_cli, setup, tmp_path):
     idx = tmp_path / "idx"
     proc = run_cli(*setup["build"], "--index-dir", idx, fault="build.manifest.written:1:kill", check=False)
     assert killed(proc)
@@ -173,7 +174,7 @@ def test_build_killed_after_the_manifest_reruns_as_a_no_op(setup, tmp_path):
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
 
 
-def test_overwrite_killed_midway_keeps_the_old_index(setup, tmp_path):
+def test_overwrite_killed_midway_keeps_the_old_index(run_cli, setup, tmp_path):
     idx = tmp_path / "idx"
     shutil.copytree(setup["ref_idx"], idx)
     old = manifest(idx)["build_id"]
@@ -187,12 +188,10 @@ def test_overwrite_killed_midway_keeps_the_old_index(setup, tmp_path):
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["index"]["build_id"] == old
 
 
-def test_build_killed_from_outside_at_any_moment(setup, tmp_path):
+def test_build_killed_from_outside_at_any_moment(run_cli, cli_processes, setup, tmp_path):
     """No fault point: SIGKILL from outside as soon as some rows are committed, wherever the build is."""
     idx = tmp_path / "idx"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "IDIA_OFFLINE": "1", "IDIA_COMMIT_EVERY_S": "0"}
-    proc = subprocess.Popen(CLI + [str(a) for a in setup["build"]] + ["--index-dir", str(idx)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = cli_processes.start(*setup["build"], "--index-dir", idx, env={"IDIA_COMMIT_EVERY_S": "0"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if any(p.name == "progress.json" for p in idx.glob(".build-*/*")):
@@ -206,9 +205,9 @@ def test_build_killed_from_outside_at_any_moment(setup, tmp_path):
 
 # --- query -------------------------------------------------------------------------------------------
 
-def test_query_killed_while_encoding_resumes_and_matches(setup, tmp_path):
+def test_query_killed_while_encoding_resumes_and_matches(run_cli, setup, tmp_path):
     out, store = tmp_path / "r", tmp_path / "store"
-    expected = uninterrupted_report(setup, tmp_path, store)
+    expected = uninterrupted_report(run_cli, setup, tmp_path, store)
     proc = run_cli(*setup["query"], "--out", out, "--store", store, fault="query.encode.committed:3:kill",
                    check=False)
     assert killed(proc)
@@ -223,9 +222,9 @@ def test_query_killed_while_encoding_resumes_and_matches(setup, tmp_path):
 
 
 @pytest.mark.parametrize("point", ["query.search.chunk:2", "query.report.staged:1"])
-def test_query_killed_after_encoding_keeps_the_old_report_and_matches_on_rerun(setup, tmp_path, point):
+def test_query_killed_after_encoding_keeps_the_old_report_and_matches_on_rerun(run_cli, setup, tmp_path, point):
     out, store = tmp_path / "r", tmp_path / "store"
-    expected = uninterrupted_report(setup, tmp_path, store)
+    expected = uninterrupted_report(run_cli, setup, tmp_path, store)
     shutil.copytree(setup["ref_report"], out)  # an earlier report: it must stay whole
     (out / "persons.csv").write_text("an earlier report\n", encoding="utf-8")
     earlier = report_content(out)
@@ -238,7 +237,7 @@ def test_query_killed_after_encoding_keeps_the_old_report_and_matches_on_rerun(s
     assert no_temporaries(tmp_path) == []  # the killed run's staging directory was cleaned up
 
 
-def test_same_inputs_and_seed_give_identical_reports(setup, tmp_path):
+def test_same_inputs_and_seed_give_identical_reports(run_cli, setup, tmp_path):
     def args(seed: int) -> list:
         return [*setup["query"], "--images-per-person", 3, "--seed", seed, "--store", tmp_path / "store"]
     run_cli(*args(11), "--out", tmp_path / "a")
