@@ -217,10 +217,24 @@ def _search_params(items: list[str] | None) -> dict | None:
 @app.command("query")
 def query_cmd(
     ctx: typer.Context,
-    faces_dir: Optional[Path] = typer.Argument(None, help="faces/<Person Name>/<images>; '_' in a folder name reads as a space."),
+    faces_dirs: Optional[list[Path]] = typer.Argument(
+        None, metavar="FACES_DIR", help="faces/<Person Name>/<images>; '_' in a folder name reads as a space. Several folders: their "
+                   "persons together, one person in several folders merged (photos in folder order)."),
     index_dir: Path = typer.Option(Path("idia-index"), "--index-dir", help="An index written by build-index."),
     out_dir: Path = typer.Option(Path("idia-report"), "--out", help="Report directory (an earlier report there is replaced)."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV with columns path,name instead of a faces folder."),
+    aliases: Optional[Path] = typer.Option(
+        None, "--aliases", help="CSV alias,name: a person folder, faces-list or --labels name equal to an alias (case "
+                                "ignored) is read as that name; persons mapped to one name are merged. An alias may "
+                                "not stand for another alias."),
+    faces_list: Optional[Path] = typer.Option(
+        None, "--faces-list", help="FaceScrub-style tab-separated list (name image_id face_id url bbox sha256, optionally path): "
+                                   "the photos are its faces, found under the faces folders as "
+                                   "<Name>/<Name>_<face_id>.<ext> or images/<Name>/<Name>_<image_id>.<ext> (or its "
+                                   "path column); a file whose SHA-256 differs from the list's is skipped."),
+    crop: bool = typer.Option(
+        False, "--crop", help="With --faces-list: each photo is its face box (x1,y1,x2,y2, clipped to the photo) "
+                              "instead of the whole file (paper mode); crops are stored apart from whole files."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,member (1/0, true/false, yes/no), or "
                                           "name,membership (member/non_member), or a report's persons.csv (its label, "
                                           "else decision column): adds metrics."),
@@ -254,7 +268,10 @@ def query_cmd(
 
     _setup_logging(verbose)
     with _errors_to_exit(out_dir):
-        config = QueryConfig(index_dir=index_dir, faces_dir=faces_dir, image_manifest=manifest, out_dir=out_dir,
+        faces_dirs = list(faces_dirs or [])
+        config = QueryConfig(index_dir=index_dir, faces_dir=faces_dirs[0] if faces_dirs else None,
+                             extra_faces_dirs=tuple(faces_dirs[1:]), aliases_file=aliases, faces_list=faces_list,
+                             crop=crop, image_manifest=manifest, out_dir=out_dir,
                              store_dir=store, labels_file=labels, top_k=top_k, tau=tau,
                              images_per_person=images_per_person, seed=seed, strict=strict, device=device,
                              precision=precision, batch_size=batch_size, workers=workers, store_dtype=store_dtype,
@@ -280,9 +297,11 @@ def _check_outputs_beside_reports(out_dir: Path, reports: list[Path]) -> None:
             summary = read_artifact_json(Path(report) / SUMMARY, REPORT_ARTIFACT, REPORT_SCHEMA_VERSION, "")
         except IdiaError:
             continue
-        source = (summary.get("parameters") or {}).get("source")
-        if isinstance(source, str) and source and Path(source).is_dir():
-            faces.append((f"faces folder of report {report}", Path(source)))
+        parameters = summary.get("parameters") or {}
+        # A report of several faces folders (or of a faces list) names them in faces_roots.
+        for source in [parameters.get("source"), *(parameters.get("faces_roots") or [])]:
+            if isinstance(source, str) and source and Path(source).is_dir():
+                faces.append((f"faces folder of report {report}", Path(source)))
     check_output_placement(out_dir, "--out", faces, reports=reports)
 
 

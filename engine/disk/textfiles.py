@@ -201,7 +201,7 @@ REPORT_SUMMARY_SCHEMA = Fields(
     optional={"parameters": Nullable(Fields(required={}, optional={
                   "tau": Nullable(INT), "labels_file": Nullable(STR), "source": Nullable(STR), "top_k": Nullable(INT),
                   "images_per_person": Nullable(INT), "seed": Nullable(INT), "index_dir": Nullable(STR),
-                  "store_dir": Nullable(STR)})),
+                  "store_dir": Nullable(STR), "faces_roots": Nullable(ListOf(STR))})),
               "index": Nullable(Fields(required={}, optional={
                   "templates": Nullable(ListOf(STR)), "num_templates": Nullable(COUNT), "num_names": Nullable(COUNT),
                   "index_kind": Nullable(STR), "build_id": Nullable(STR)})),

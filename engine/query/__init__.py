@@ -2,6 +2,7 @@
 
     run.py             run_query: inputs, hash, encode, search, decide, report (one function per stage)
     images.py          finding each person's photos and decoding them
+    inputs/            several faces folders, --aliases, a FaceScrub --faces-list, --crop to face boxes
     store.py           the LMDB store of image embeddings (keyed by model and image bytes)
     search.py          the search of every template's index (exact, certified, or brute-force fallback)
     votes.py           the paper's vote: unique plurality per template, score 0..T

@@ -188,8 +188,13 @@ class ChosenPhotos:
     duplicates: list[DuplicatePhoto]  # files left out as copies of a kept photo
 
 
-def choose_photos(person: str, paths: list[Path], n: int | None, seed: int) -> ChosenPhotos:
+def choose_photos(person: str, paths: list[Path], n: int | None, seed: int,
+                  photo_key: Callable[[int, str], str] | None = None) -> ChosenPhotos:
     """A person's distinct photos: all of them (n None), or a seeded random n, kept in listing order.
+
+    `photo_key(i, sha)` is what photo i (whose file has SHA-256 `sha`) is known by; `shas` and the copies
+    found are then of these keys. Default: the SHA-256 itself (a photo is a file's bytes); a face box of the
+    file makes it another photo (`inputs/crop.py`).
 
     Files with the same SHA-256 are one photo: the first in listing order (faces folder: os.walk order, the
     person folder's files by name, then each sub-folder's, by name; manifest: line order) is kept, the others
@@ -215,6 +220,8 @@ def choose_photos(person: str, paths: list[Path], n: int | None, seed: int) -> C
         batch = order[done:done + want - len(first_with) - len(unreadable)]
         done += len(batch)
         shas, reasons = hash_images([paths[i] for i in batch])
+        if photo_key is not None:
+            shas = [None if sha is None else photo_key(i, sha) for i, sha in zip(batch, shas)]
         why = iter(reasons)  # one reason per None, in order
         for i, sha in zip(batch, shas):
             sha_of[i] = sha

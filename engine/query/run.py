@@ -2,6 +2,7 @@
 
 Stages, one function each below (each timed, each reporting progress):
 1. inputs   - open the index, find the images, read labels; everything is validated before any model work
+              (several faces folders, --aliases, --faces-list and --crop: `inputs/`)
 2. hash     - SHA-256 of every photo drawn (the store key); per person, files with the same bytes are one
               photo (the first listed is kept, the others are reported in summary.json's duplicate_photos)
 3. encode   - images not yet in the LMDB store are read once, checked against their hash, decoded (EXIF
@@ -60,6 +61,8 @@ from .images import (
     collect_from_csv,
     collect_from_folder,
 )
+from .inputs import PhotoInputs, collect_photo_inputs, uses_photo_inputs
+from .inputs.crop import CROPS_CSV, CropPlan, crop_fingerprint
 from .labels import read_labels
 from .metrics import label_metrics
 from .report import (
@@ -94,6 +97,10 @@ class QueryConfig:
 
     index_dir: Path  # an index built by build-index
     faces_dir: Path | None = None  # faces/<Person Name>/<images>; or give image_manifest
+    extra_faces_dirs: tuple[Path, ...] = ()  # more faces folders after faces_dir; a person in several is merged
+    aliases_file: Path | None = None  # CSV alias,name: folder, faces-list and label names read as other names
+    faces_list: Path | None = None  # FaceScrub-style list (name, image_id, face_id, url, bbox, sha256)
+    crop: bool = False  # with faces_list: each photo is its face box (default: the whole file, as the paper)
     image_manifest: Path | None = None  # CSV path,name (paths relative to the CSV)
     out_dir: Path = Path("idia-report")  # the report directory (replaced if it holds an earlier report)
     store_dir: Path | None = None  # LMDB embedding store; None = <index_dir>/image-store
@@ -117,6 +124,7 @@ class QueryConfig:
     def __post_init__(self) -> None:
         if (self.faces_dir is None) == (self.image_manifest is None):
             raise InputError("give either a faces folder or --manifest images.csv (exactly one)")
+        _check_photo_options(self)
         # (option, value, lowest, highest or None, why the cap): every cap bounds a cost the user chooses.
         checks = [("--top-k", self.top_k, 1, MAX_TOP_K, ("faiss's GPU k-selection limit; predictions/ keeps "
                                                           "images x templates x k ids and scores")),
@@ -138,15 +146,40 @@ class QueryConfig:
         # Where the report goes: never in, over or around an input (check_output_placement says why each).
         inputs = [("faces folder", self.faces_dir), ("index dir", self.index_dir), ("embedding store", self.store_path),
                   ("labels file", self.labels_file), ("image manifest", self.image_manifest)]
+        inputs += [("faces folder", d) for d in self.extra_faces_dirs]
+        inputs += [("aliases file", self.aliases_file), ("faces list", self.faces_list)]
         check_output_placement(Path(self.out_dir), "--out", inputs)
-        if self.faces_dir is not None:  # anything inside the faces folder is read as a person
-            check_output_placement(Path(self.index_dir), "--index-dir", [("faces folder", self.faces_dir)])
+        for faces in self.faces_roots:  # anything inside a faces folder is read as a person
+            check_output_placement(Path(self.index_dir), "--index-dir", [("faces folder", faces)])
             if self.store_dir is not None:
-                check_output_placement(Path(self.store_dir), "--store", [("faces folder", self.faces_dir)])
+                check_output_placement(Path(self.store_dir), "--store", [("faces folder", faces)])
 
     @property
     def store_path(self) -> Path:
         return Path(self.store_dir) if self.store_dir is not None else Path(self.index_dir) / DEFAULT_STORE_NAME
+
+    @property
+    def faces_roots(self) -> list[Path]:
+        """Every faces folder given, in order (none with image_manifest)."""
+        return [] if self.faces_dir is None else [Path(self.faces_dir), *map(Path, self.extra_faces_dirs)]
+
+
+def _check_photo_options(config: QueryConfig) -> None:
+    """The options of `inputs/`: which go together, and faces folders that are neither repeated nor nested."""
+    if config.extra_faces_dirs and config.faces_dir is None:
+        raise InputError("several faces folders need a first one (faces_dir); --manifest takes no faces folder")
+    if config.crop and config.faces_list is None:
+        raise InputError("--crop needs --faces-list, which gives the face boxes to crop to")
+    roots = config.faces_roots
+    for i, a in enumerate(roots):
+        for b in roots[i + 1:]:
+            real_a, real_b = a.resolve(), b.resolve()
+            if real_a == real_b:
+                raise InputError(f"faces folder {b} is given twice ({a}); give each folder once")
+            if real_a.is_relative_to(real_b) or real_b.is_relative_to(real_a):
+                inner, outer = (a, b) if real_a.is_relative_to(real_b) else (b, a)
+                raise InputError(f"faces folder {inner} lies inside faces folder {outer}, whose person folders it "
+                                 "would be read as; give folders side by side")
 
 
 @dataclass(frozen=True)
@@ -168,6 +201,7 @@ class QueryInputs:
     # the model cannot tell them apart, so the person is that index entry, not a name added beside it
     same_tokens: dict[str, str] = field(default_factory=dict)
     added_prompt_lengths: dict | None = None  # the build-time prompt-length check, run on the added names
+    photo_inputs: PhotoInputs | None = None  # several faces folders, aliases or a faces list (None: one source)
 
     @property
     def persons(self) -> list[str]:
@@ -248,12 +282,15 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
         inputs = _match_names(inputs, model, config)
     _require_space(inputs, model, config)
     with inputs.index, EmbeddingStore(config.store_path) as store:
-        ns = store.namespace(image_fingerprint(model), model.info.embed_dim, config.store_dtype,
-                             model=f"{model.info.model} ({model.info.pretrained}), {model.precision.value}")
+        crops = inputs.photo_inputs.crops if inputs.photo_inputs is not None else None
+        fingerprint = image_fingerprint(model) if crops is None else crop_fingerprint(image_fingerprint(model))
+        ns = store.namespace(fingerprint, model.info.embed_dim, config.store_dtype,
+                             model=f"{model.info.model} ({model.info.pretrained}), {model.precision.value}"
+                             + ("" if crops is None else ", face crops"))
         with timer.stage("hash"):
             hashed = _hash(inputs, config, progress)
         with timer.stage("encode images"):
-            encoded = _encode(model, store, ns, hashed, config, progress)
+            encoded = _encode(model, store, ns, hashed, config, progress, crops)
         skipped = hashed.skipped + _skipped_by_encode(hashed, encoded)
         rows = [(name, path, sha) for (name, path), sha in zip(hashed.flat, hashed.shas)
                 if sha is not None and sha not in encoded.undecodable and sha not in encoded.unread]
@@ -285,10 +322,18 @@ def _read_inputs(config: QueryConfig) -> QueryInputs:
     index = open_index(config.index_dir)
     fault_point("query.index.opened")
     check_tau(config.tau, len(index.templates))
-    collection = (collect_from_folder(config.faces_dir) if config.faces_dir is not None
-                  else collect_from_csv(config.image_manifest))
+    photo_inputs = None
+    if uses_photo_inputs(config.faces_roots, config.aliases_file, config.faces_list):
+        photo_inputs = collect_photo_inputs(config.faces_roots, config.aliases_file, config.faces_list, config.crop)
+        collection = photo_inputs.collection
+    else:
+        collection = (collect_from_folder(config.faces_dir) if config.faces_dir is not None
+                      else collect_from_csv(config.image_manifest))
     labels = read_labels(config.labels_file) if config.labels_file is not None else None
-    return QueryInputs(index, collection, labels, [p for p in collection.persons if index.name_id(p) is None])
+    if photo_inputs is not None:
+        labels = photo_inputs.labels(labels, config.labels_file)
+    return QueryInputs(index, collection, labels, [p for p in collection.persons if index.name_id(p) is None],
+                       photo_inputs=photo_inputs)
 
 
 def _require_space(inputs: QueryInputs, model: LoadedModel, config: QueryConfig) -> None:
@@ -355,8 +400,10 @@ def _hash(inputs: QueryInputs, config: QueryConfig, progress: Progress) -> Hashe
     shas: list[str | None] = []
     skipped = list(inputs.collection.skipped)
     duplicates: list[DuplicatePhoto] = []
+    crops = inputs.photo_inputs.crops if inputs.photo_inputs is not None else None
     for done, (name, paths) in enumerate(persons.items(), 1):
-        chosen = choose_photos(name, paths, config.images_per_person, config.seed)
+        chosen = choose_photos(name, paths, config.images_per_person, config.seed,
+                               photo_key=None if crops is None else crops.photo_key(name))
         flat += [(name, p) for p in chosen.paths]
         shas += chosen.shas
         skipped += chosen.unreadable
@@ -400,8 +447,9 @@ def _skipped_by_encode(hashed: HashedImages, encoded: EncodeOutcome) -> list[Ski
 
 
 def _encode(model: LoadedModel, store: EmbeddingStore, ns: Namespace, hashed: HashedImages, config: QueryConfig,
-            progress: Progress) -> EncodeOutcome:
-    """Stage 3: every distinct image content not yet in the store (nor known not to decode) is encoded."""
+            progress: Progress, crops: CropPlan | None = None) -> EncodeOutcome:
+    """Stage 3: every distinct image content not yet in the store (nor known not to decode) is encoded
+    (with `crops`, every distinct face box of a file)."""
     unique: dict[str, Path] = {}
     for (_, path), sha in zip(hashed.flat, hashed.shas):
         if sha is not None:
@@ -412,7 +460,7 @@ def _encode(model: LoadedModel, store: EmbeddingStore, ns: Namespace, hashed: Ha
     if todo:
         store.require_writable(len(todo))  # before any encoding: a read-only store fails here
         _warn_of_embeddings_before_exif(model, store, ns, [sha for _, sha in todo])
-    encoded, undecodable, unread = _encode_missing(model, store, ns, todo, config, progress)
+    encoded, undecodable, unread = _encode_missing(model, store, ns, todo, config, progress, crops)
     # A file whose bytes do not decode is skipped, and so is every other file with the same bytes.
     undecodable.update(known_bad)
     return EncodeOutcome(encoded, len(unique) - len(todo) - len(known_bad), len(known_bad), undecodable,
@@ -432,11 +480,13 @@ def _warn_of_embeddings_before_exif(model: LoadedModel, store: EmbeddingStore, n
 
 
 def _encode_missing(model: LoadedModel, store: EmbeddingStore, ns: Namespace, items: list[tuple[Path, str]],
-                    config: QueryConfig, progress: Progress) -> tuple[int, dict[str, str], dict[str, str]]:
+                    config: QueryConfig, progress: Progress,
+                    crops: CropPlan | None = None) -> tuple[int, dict[str, str], dict[str, str]]:
     """Encode the (path, sha) items not yet stored; return (encoded count, {sha: why its bytes do not decode},
     {sha: why the file could not be read now}). Only the first kind is stored: a read that failed or found
     the file changed is tried again by the next run."""
-    dataset = ImageDataset(items, model.preprocess, keys_are_sha256=True)
+    dataset = (ImageDataset(items, model.preprocess, keys_are_sha256=True) if crops is None
+               else crops.dataset(items, model.preprocess))
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
                                          collate_fn=collate_for_store, shuffle=False)
     encoded, failed, unread, done = 0, {}, {}, 0
@@ -532,5 +582,17 @@ def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: Lo
                             duplicates=hashed.duplicates, shared=hashed.shared, same_tokens=inputs.same_tokens,
                             added_prompt_lengths=inputs.added_prompt_lengths)
     summary["search"] = search_stats
+    if inputs.photo_inputs is not None:
+        _add_photo_inputs(tmp, summary, inputs.photo_inputs, rows)
     write_summary(tmp, summary)
     return summary
+
+
+def _add_photo_inputs(tmp: Path, summary: dict, photo_inputs: PhotoInputs, rows: list[tuple[str, Path, str]]) -> None:
+    """Where the photos of several roots, aliases or a faces list came from (summary.json's parameters and
+    "inputs"), and with --crop which box each image row is (predictions/crops.csv)."""
+    summary["parameters"].update(photo_inputs.parameters())
+    summary["inputs"] = photo_inputs.summary()
+    summary["files"] = {**summary["files"], **photo_inputs.files()}
+    if photo_inputs.crops is not None:
+        photo_inputs.crops.write_csv(tmp / CROPS_CSV, rows)
