@@ -142,6 +142,12 @@ def build_index_cmd(
     precision: Precision = PrecisionOpt,
     batch_size: int = typer.Option(256, "--batch-size", help="Prompts per forward pass."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an index already in --index-dir."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray",
+        help="Encode on Ray actors: host:port, ray://host:port, auto, or local (a Ray started here). This machine "
+             "tokenizes, writes and indexes; model files must be at the same path on every node."),
+    ray_actors: int = typer.Option(
+        0, "--ray-actors", help="Ray actors (0 = one per GPU of the cluster, else one per CPU); with --ray local, its CPUs."),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -155,7 +161,7 @@ def build_index_cmd(
         config = BuildConfig(names_file=names_file, index_dir=index_dir, model=ModelSpec(model, pretrained),
                              templates=templates, index_kind=index_kind, device=device, precision=precision,
                              batch_size=batch_size, overwrite=overwrite,
-                             memory_budget_bytes=_budget_bytes(memory_budget))
+                             memory_budget_bytes=_budget_bytes(memory_budget), ray=ray, ray_actors=ray_actors)
         with _progress_bars(not quiet) as progress:
             manifest = build_index(config, progress)
     enc = manifest.encode

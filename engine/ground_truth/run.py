@@ -31,9 +31,10 @@ from ..disk.atomic import write_bytes_atomic, write_json_atomic, write_text_atom
 from ..disk.versions import library_versions, utc_now
 from ..errors import InputError
 from ..progress import Progress, no_progress
+from ..ray_cluster import check_ray_address
 from .captions import CaptionFile, Piece, expand_inputs, pieces_of, resolve_file
 from .matcher import nested_names
-from .workers import PieceCount, check_ray_address, count_locally, count_on_ray, default_workers
+from .workers import PieceCount, count_locally, count_on_ray, default_workers
 
 log = logging.getLogger(__name__)
 

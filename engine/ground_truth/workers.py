@@ -7,7 +7,6 @@ count is the sum of its pieces' counts, so the result does not depend on how the
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from ..errors import InputError
+from ..ray_cluster import ray_connection
 from .captions import Piece, iter_batches
 from .matcher import NameMatcher
 
@@ -114,36 +113,14 @@ def _count_batch(batch, names: tuple[str, ...], case_sensitive: bool, column: st
             "n": np.r_[counts[ids], [rows, empty, invalid]].astype(np.int64)}
 
 
-def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, in one line, when a Ray address cannot be reached (ray.init would retry for a minute)."""
-    if address in ("local", "auto"):
-        return
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"--ray {address!r} is not host:port (or ray://host:port, 'local', 'auto')")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start one (`ray start "
-                         "--head`) or check --ray") from None
-
-
 def count_on_ray(pieces: list[Piece], names: list[str], case_sensitive: bool, address: str, workers: int,
                  batch_rows: int) -> Iterator[tuple[Piece, PieceCount]]:
     """Yield each piece's count: a Parquet file through Ray Data (read_parquet -> map_batches with the matcher
     -> per-name sums on the driver), text and TSV files as Ray tasks. Parquet pieces are whole files.
     address "local" starts a Ray instance here with `workers` CPUs (what the tests use)."""
-    import ray
-    import ray.data
+    with ray_connection(address, workers) as ray:
+        import ray.data
 
-    check_ray_address(address)
-    started_here = not ray.is_initialized()
-    if started_here:
-        init = {"num_cpus": workers} if address == "local" else {"address": address}
-        ray.init(**init, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         names_t = tuple(names)
@@ -171,9 +148,6 @@ def count_on_ray(pieces: list[Piece], names: list[str], case_sensitive: bool, ad
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             yield text_jobs[done[0]], ray.get(done[0])
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _count_piece_task(piece: Piece, names: tuple[str, ...], case_sensitive: bool, batch_rows: int) -> PieceCount:

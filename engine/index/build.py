@@ -23,9 +23,10 @@ import os
 import shutil
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from idia_engine.indexes import IndexKind, backend_kinds, choose_index, get_backend, vectors_file
@@ -42,7 +43,9 @@ from ..disk.textfiles import check_whole_number
 from ..disk.versions import library_versions, utc_now
 from ..errors import ArtifactExistsError, IdiaError, InputError
 from ..model.load import DeviceChoice, LoadedModel, ModelSpec, Precision, load_model
+from ..model.text_encoder import TextPath
 from ..progress import Progress, no_progress
+from ..ray_cluster import check_ray_address
 from .directory import check_index_dir_writable, finished_build, remove_stale_builds
 from .encode import encode_template, read_progress, save_progress
 from .layout import (
@@ -59,6 +62,9 @@ from .layout import (
     manifest_checksum,
     names_bytes,
 )
+
+if TYPE_CHECKING:
+    from .ray_encode import RayPromptEncoders
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,8 @@ class BuildConfig:
     batch_size: int = 256  # prompts per forward pass
     overwrite: bool = False  # replace an existing index in index_dir
     memory_budget_bytes: int = 8 << 30  # what all templates' indexes may take together (for --index auto)
+    ray: str | None = None  # encode on this Ray cluster's actors (host:port, ray://host:port, auto, local)
+    ray_actors: int = 0  # how many (0: one per GPU of the cluster, else one per CPU); with ray="local", its CPUs
 
     def __post_init__(self) -> None:
         if not isinstance(self.index_kind, str):
@@ -96,6 +104,11 @@ class BuildConfig:
                 and self.memory_budget_bytes < 1:
             raise InputError(f"--memory-budget must be positive, got {self.memory_budget_bytes} bytes")
         check_whole_number("--memory-budget (bytes)", self.memory_budget_bytes, 1)
+        check_whole_number("--ray-actors", self.ray_actors, 0, None, "")
+        if self.ray_actors and not self.ray:
+            raise InputError("--ray-actors needs --ray ADDRESS (the cluster the actors run on)")
+        if self.ray:
+            check_ray_address(self.ray)  # before any work: an unreachable cluster is one line, nothing written
         if not self.templates or not all(isinstance(t, str) for t in self.templates):
             raise InputError(f"templates must be a non-empty sequence of strings, got {self.templates!r}")
 
@@ -133,20 +146,21 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
         with exclusive_lock(index_dir / BUILD_LOCK, f"index dir {index_dir} (build-index)"):
             # Again, under the lock: another build may just have finished.
             _check_writable_before_tokens(index_dir, config.overwrite, names_sha, list(config.templates))
-            if model is None:
-                model = load_model(config.model, config.device, config.precision)
+            if model is None:  # with --ray, this machine only tokenizes and indexes: the actors encode
+                model = load_model(config.model, "cpu" if config.ray else config.device, config.precision)
             names, twins = _drop_token_twins(config.names_file, model, name_list.names)
             if twins:  # the name table is now known: check against it what the first check had to leave open
                 names_sha = hashlib.sha256(names_bytes(names)).hexdigest()
                 check_index_dir_writable(index_dir, config.overwrite, names_sha, list(config.templates))
-            plan = _plan(config, name_list, names, twins, names_sha, model)
-            finished = finished_build(index_dir, plan.key, config.overwrite)
-            if finished:
-                return finished
-            # the raw vectors of the build directory and the index files beside them, before either is written
-            require_free_space(index_dir, 2 * len(plan.names) * len(plan.templates) * model.info.embed_dim * 4,
-                               "the index")
-            return _build(config, plan, model, progress)
+            with _prompt_encoders(config, model, names) as actors:
+                plan = _plan(config, name_list, names, twins, names_sha, model, actors)
+                finished = finished_build(index_dir, plan.key, config.overwrite)
+                if finished:
+                    return finished
+                # the raw vectors of the build directory and the index files beside them, before either is written
+                require_free_space(index_dir, 2 * len(plan.names) * len(plan.templates) * model.info.embed_dim * 4,
+                                   "the index")
+                return _build(config, plan, model, progress, actors)
     except BaseException:
         if created:  # leave no empty index directory behind, but keep any resumable work
             leftovers = [q for q in index_dir.iterdir() if q.name != BUILD_LOCK]
@@ -202,10 +216,21 @@ def _drop_token_twins(names_file: Path, model: LoadedModel, names: list[str]) ->
     return [n for n in names if n not in dropped], twins
 
 
+def _prompt_encoders(config: BuildConfig, model: LoadedModel, names: list[str]):
+    """The Ray actors that encode this build's prompts (`ray_encode.py`), or nothing without --ray."""
+    if not config.ray:
+        return nullcontext(None)
+    from .ray_encode import RayPromptEncoders
+
+    return RayPromptEncoders(config.ray, config.ray_actors, config.model, config.precision, config.device, names,
+                             config.batch_size, after_start=lambda actors: actors.check_weights(model))
+
+
 def _plan(config: BuildConfig, name_list: NameList, names: list[str], twins: list[TokenTwin], names_sha: str,
-          model: LoadedModel) -> BuildPlan:
+          model: LoadedModel, actors: RayPromptEncoders | None = None) -> BuildPlan:
     templates = list(config.templates)
-    device = "cuda" if model.device.type == "cuda" else "cpu"
+    encoded_on = actors.setup.device if actors is not None else model.device.type
+    device = "cuda" if encoded_on == "cuda" else "cpu"
     kind, search_params, reason = resolve_index_kind(config.index_kind, len(names), len(templates),
                                                      model.info.embed_dim, device, config.memory_budget_bytes)
     kind_cls = get_backend(kind)
@@ -215,7 +240,7 @@ def _plan(config: BuildConfig, name_list: NameList, names: list[str], twins: lis
     return BuildPlan(names=names, names_sha=names_sha, duplicates_dropped=name_list.duplicates_dropped,
                      token_duplicates=token_duplicates, templates=templates, kind=kind_cls,
                      search_params=search_params, reason=reason,
-                     key=_build_key(names_sha, templates, model, kind, config.batch_size),
+                     key=_build_key(names_sha, templates, model, kind, config.batch_size, actors),
                      prompt_lengths=_check_prompts(config.names_file, model, templates, names))
 
 
@@ -230,15 +255,26 @@ def _check_prompts(names_file: Path, model: LoadedModel, templates: list[str], n
     return {k: v for k, v in lengths.to_json().items() if k != "seconds"}
 
 
-def _build_key(names_sha: str, templates: list[str], model: LoadedModel, kind: str, batch_size: int) -> str:
+def _build_key(names_sha: str, templates: list[str], model: LoadedModel, kind: str, batch_size: int,
+               actors: RayPromptEncoders | None = None) -> str:
+    """What determines the vectors: the same key (on Ray actors or here) resumes the same build directory."""
+    precision, text_path = _encoding(model, actors)
     h = hashlib.sha256()
-    for part in (names_sha, "\x1f".join(templates), model.info.fingerprint, model.precision.value, kind,
-                 str(batch_size), str(model.text_path)):
+    for part in (names_sha, "\x1f".join(templates), model.info.fingerprint, precision.value, kind,
+                 str(batch_size), str(text_path)):
         h.update(part.encode("utf-8") + b"\x00")
     return h.hexdigest()[:24]
 
 
-def _build(config: BuildConfig, plan: BuildPlan, model: LoadedModel, progress: Progress) -> IndexManifest:
+def _encoding(model: LoadedModel, actors: RayPromptEncoders | None) -> tuple[Precision, TextPath]:
+    """(precision, text forward pass) the prompts are encoded with: here, or on the Ray actors."""
+    if actors is None:
+        return model.precision, model.text_path
+    return Precision(actors.setup.precision), TextPath(actors.setup.text_path)
+
+
+def _build(config: BuildConfig, plan: BuildPlan, model: LoadedModel, progress: Progress,
+           actors: RayPromptEncoders | None = None) -> IndexManifest:
     index_dir = Path(config.index_dir)
     build_dir = index_dir / f"{BUILD_PREFIX}{plan.key}"
     build_dir.mkdir(exist_ok=True)
@@ -252,15 +288,20 @@ def _build(config: BuildConfig, plan: BuildPlan, model: LoadedModel, progress: P
                  len(plan.templates) * len(plan.names))
     if not (build_dir / NAMES_FILE).is_file():
         write_bytes_atomic(build_dir / NAMES_FILE, names_bytes(plan.names))
-    index_seconds = _encode_and_index(config, plan, model, build_dir, state, progress)
-    return _publish(config, plan, model, build_dir, state, index_seconds, reused)
+    index_seconds = _encode_and_index(config, plan, model, build_dir, state, progress, actors)
+    return _publish(config, plan, model, build_dir, state, index_seconds, reused, actors)
 
 
 def _encode_and_index(config: BuildConfig, plan: BuildPlan, model: LoadedModel, build_dir: Path,
-                      state: dict[str, Any], progress: Progress) -> float:
-    """Stages 2 and 3: encode each template's prompts and index them; return the seconds spent indexing."""
+                      state: dict[str, Any], progress: Progress, actors: RayPromptEncoders | None = None) -> float:
+    """Stages 2 and 3: encode each template's prompts and index them; return the seconds spent indexing.
+    With `actors`, every template's batches are queued on them first, and they encode ahead while this
+    process indexes."""
     names, templates, kind = plan.names, plan.templates, plan.kind
     use_gpu = model.device.type == "cuda"
+    if actors is not None:
+        actors.plan([(t, template, state["rows"][t]) for t, template in enumerate(templates)
+                     if not state["indexed"][t]])
     total = len(templates) * len(names)
     done = sum(state["rows"])
     progress("encode prompts", done, total)
@@ -274,7 +315,8 @@ def _encode_and_index(config: BuildConfig, plan: BuildPlan, model: LoadedModel, 
     for t, template in enumerate(templates):
         if state["indexed"][t]:
             continue
-        encode_template(model, template, names, t, build_dir, state, config.batch_size, on_rows)
+        batches = actors.batches(t, state["rows"][t]) if actors is not None else None
+        encode_template(model, template, names, t, build_dir, state, config.batch_size, on_rows, batches)
         t1 = time.perf_counter()
         kind.build_template(t, np.load(build_dir / vectors_file(t), mmap_mode="r"), build_dir, use_gpu=use_gpu,
                             search_params=plan.search_params)
@@ -298,7 +340,7 @@ def _encode_and_index(config: BuildConfig, plan: BuildPlan, model: LoadedModel, 
 
 
 def _publish(config: BuildConfig, plan: BuildPlan, model: LoadedModel, build_dir: Path, state: dict[str, Any],
-             index_seconds: float, reused: int) -> IndexManifest:
+             index_seconds: float, reused: int, actors: RayPromptEncoders | None = None) -> IndexManifest:
     """Stage 4: data on disk, the build directory renamed to data-<id>, the manifest switched."""
     index_dir = Path(config.index_dir)
     (build_dir / PROGRESS_FILE).unlink()
@@ -312,7 +354,7 @@ def _publish(config: BuildConfig, plan: BuildPlan, model: LoadedModel, build_dir
     build_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     data_name = f"data-{build_id}"
     obj = asdict(_manifest(config, plan, model, build_id, data_name, files, state["encode_seconds"],
-                           index_seconds, reused))
+                           index_seconds, reused, actors))
     obj["manifest_sha256"] = manifest_checksum(obj)
     manifest = IndexManifest(**obj)
     # A copy travels with the data (not one of its files): a crash right after publishing loses nothing.
@@ -328,8 +370,12 @@ def _publish(config: BuildConfig, plan: BuildPlan, model: LoadedModel, build_dir
 
 
 def _manifest(config: BuildConfig, plan: BuildPlan, model: LoadedModel, build_id: str, data_name: str,
-              files: dict[str, int], seconds: float, index_seconds: float, reused: int) -> IndexManifest:
+              files: dict[str, int], seconds: float, index_seconds: float, reused: int,
+              actors: RayPromptEncoders | None = None) -> IndexManifest:
     total = len(plan.templates) * len(plan.names)
+    precision, text_path = _encoding(model, actors)
+    where = {"device": str(model.device)} if actors is None else \
+        {"device": f"ray:{actors.setup.device}", "ray": actors.describe()}
     return IndexManifest(
         schema_version=INDEX_SCHEMA_VERSION,
         artifact=INDEX_ARTIFACT,
@@ -350,8 +396,8 @@ def _manifest(config: BuildConfig, plan: BuildPlan, model: LoadedModel, build_id
         duplicates_dropped=plan.duplicates_dropped,
         token_duplicates=plan.token_duplicates,
         files=files,
-        encode={"device": str(model.device), "precision": model.precision.value, "batch_size": config.batch_size,
-                "text_path": model.text_path.value,
+        encode={**where, "precision": precision.value, "batch_size": config.batch_size,
+                "text_path": text_path.value,
                 "prompts": total, "seconds": round(seconds, 3),
                 "prompts_per_second": round(total / seconds, 1) if seconds > 0 else None,
                 "index_seconds": round(index_seconds, 3), "index_choice": plan.reason, "resumed": reused > 0,

@@ -70,17 +70,25 @@ def _open_vectors(path: Path, n: int, dim: int) -> tuple[BinaryIO, int]:
 
 
 def encode_template(model: LoadedModel, template: str, names: list[str], t: int, build_dir: Path,
-                    state: dict[str, Any], batch_size: int, on_rows: Callable[[int], None]) -> None:
-    """Append the embeddings of template t to its vectors file, from the recorded row on (resumable)."""
+                    state: dict[str, Any], batch_size: int, on_rows: Callable[[int], None],
+                    batches: Iterator[np.ndarray] | None = None) -> None:
+    """Append the embeddings of template t to its vectors file, from the recorded row on (resumable).
+
+    They are computed by `model` here, batch after batch, or come as `batches`: the same batches (from the
+    recorded row on, `batch_size` rows each) computed elsewhere (Ray actors, `ray_encode.py`)."""
     dim = model.info.embed_dim
     start_row = state["rows"][t]
+    if batches is None:
+        batches = iter_prompt_embeddings(model, template, names[start_row:], batch_size)
     f, offset = _open_vectors(build_dir / vectors_file(t), len(names), dim)
     last_commit = time.perf_counter()
     t0 = time.perf_counter()
     try:
         row = start_row
-        for start in range(start_row, len(names), batch_size):
-            emb = model.encode_text([render(template, n) for n in names[start:start + batch_size]])
+        for start, emb in zip(range(start_row, len(names), batch_size), batches):
+            if emb.shape != (min(batch_size, len(names) - start), dim):
+                raise ArtifactError(f"template {t} rows {start}..: got embeddings of shape {emb.shape}, expected "
+                                    f"({min(batch_size, len(names) - start)}, {dim})")
             f.seek(offset + start * dim * 4)
             f.write(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
             row = start + len(emb)
@@ -90,6 +98,8 @@ def encode_template(model: LoadedModel, template: str, names: list[str], t: int,
                 t0 = last_commit = time.perf_counter()
         if row != state["rows"][t]:
             _commit_rows(f, build_dir, state, t, row, time.perf_counter() - t0)
+        if row != len(names):  # the batches ran out early: what came is committed, the template is not done
+            raise ArtifactError(f"template {t}: embeddings stopped at row {row} of {len(names)}; rerun to resume")
     finally:
         f.close()
 
