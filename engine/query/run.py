@@ -14,7 +14,8 @@ Stages, one function each below (each timed, each reporting progress):
 5. decide   - paper mode (`votes.py`): unique plurality per template, score 0..T, member iff score >= tau
 6. report   - persons.csv, modes.csv, predictions/, summary.json, run.json, swapped in atomically
 
-Stages 4-6 take (image rows, their embeddings) whatever computed them (`score_rows`).
+Stages 4-6 take (image rows, their embeddings) whatever computed them (`score_rows`): `query --embeddings`
+(`interop/query_embeddings.py`) reads the rows from a folder in clip-retrieval's layout instead of stages 2-3.
 
 Killed at any point (kill -9 included), a rerun with the same arguments gives a byte-identical report
 except run.json (timings, what was encoded now vs found in the store): encode batches are formed from
@@ -48,6 +49,7 @@ from ..errors import InputError
 from ..index.encode import encode_name_prompts
 from ..index.layout import DEFAULT_STORE_NAME
 from ..index.reader import NameIndex, open_index
+from ..interop.embeddings import EmbeddingsInput
 from ..model.load import DeviceChoice, LoadedModel, Precision, load_model
 from ..progress import Progress, no_progress
 from .cells import EXACT_STATUSES
@@ -115,10 +117,15 @@ class QueryConfig:
     exact_fallback: bool = True  # approximate kinds: brute-force what cannot be certified (False: flag it)
     cells: bool = True  # approximate kinds: settle cells by witnesses, brute-force only what they leave open
     command_line: str | None = None  # how this run was started (the CLI fills it in), recorded in run.json
+    # instead of photos: their embeddings, computed elsewhere, in clip-retrieval's layout (`interop/`)
+    embeddings: EmbeddingsInput | None = None
 
     def __post_init__(self) -> None:
-        if (self.faces_dir is None) == (self.image_manifest is None):
-            raise InputError("give either a faces folder or --manifest images.csv (exactly one)")
+        if sum(x is not None for x in (self.faces_dir, self.image_manifest, self.embeddings)) != 1:
+            raise InputError("give either a faces folder, --manifest images.csv or --embeddings DIR (exactly one)")
+        if self.embeddings is not None and self.images_per_person is not None:
+            raise InputError("--images-per-person draws photos by their bytes; with --embeddings every row is used "
+                             "(choose the rows in the folder instead)")
         # (option, value, lowest, highest or None, why the cap): every cap bounds a cost the user chooses.
         checks = [("--top-k", self.top_k, 1, MAX_TOP_K, ("faiss's GPU k-selection limit; predictions/ keeps "
                                                           "images x templates x k ids and scores")),
@@ -139,7 +146,8 @@ class QueryConfig:
                 check_finite_number(f"--search-param {key}", value, 0, valid="a finite number >= 0 (or true/false)")
         # Where the report goes: never in, over or around an input (check_output_placement says why each).
         inputs = [("faces folder", self.faces_dir), ("index dir", self.index_dir), ("embedding store", self.store_path),
-                  ("labels file", self.labels_file), ("image manifest", self.image_manifest)]
+                  ("labels file", self.labels_file), ("image manifest", self.image_manifest),
+                  ("embeddings folder", self.embeddings.folder if self.embeddings is not None else None)]
         check_output_placement(Path(self.out_dir), "--out", inputs)
         if self.faces_dir is not None:  # anything inside the faces folder is read as a person
             check_output_placement(Path(self.index_dir), "--index-dir", [("faces folder", self.faces_dir)])
@@ -252,7 +260,12 @@ class StageTimer:
 
 
 def run_query(config: QueryConfig, progress: Progress = no_progress, model: LoadedModel | None = None) -> QueryResult:
-    """Run the attack in paper mode and write the report; see the module docstring."""
+    """Run the attack in paper mode and write the report; see the module docstring. With `config.embeddings`,
+    the photos' embeddings are read from that folder instead of computed (`interop.query_embeddings`)."""
+    if config.embeddings is not None:
+        from ..interop.query_embeddings import run_embeddings_query  # it builds on this module's stages
+
+        return run_embeddings_query(config, progress, model)
     timer = StageTimer()
     with timer.stage("inputs"):
         inputs = _read_inputs(config)
