@@ -10,8 +10,9 @@ In memory (nothing is written to disk):
     result.metrics                # TPR, FPR at tau, given labels
 
 On files, at the scale of millions of names (what the CLI runs): `build_index(BuildConfig(...))`,
-`run_query(QueryConfig(...))`, `evaluate_report(EvalConfig(...))`, `run_demo(DemoConfig(...))`,
-`open_index`, `load_predictions`. Every error the library raises on purpose is an `IdiaError`.
+`run_query(QueryConfig(...))` (with `embeddings=EmbeddingsInput(...)`: embeddings in clip-retrieval's layout
+instead of photos), `export_embeddings(ExportConfig(...))`, `evaluate_report(EvalConfig(...))`,
+`run_demo(DemoConfig(...))`, `open_index`, `load_predictions`. Every error the library raises on purpose is an `IdiaError`.
 
 Names load on first use: importing `idia_engine` (which every `idia_engine.engine...` import does first)
 imports neither torch nor the engine.
@@ -34,6 +35,8 @@ _EXPORTS = {
     "EvalConfig": ".engine.evaluate.protocol", "evaluate_report": ".engine.evaluate.protocol",
     "CompareConfig": ".engine.compare.run", "compare_reports": ".engine.compare.run",
     "DemoConfig": ".engine.demo.run", "run_demo": ".engine.demo.run",
+    "ExportConfig": ".engine.interop.export", "export_embeddings": ".engine.interop.export",
+    "EmbeddingsInput": ".engine.interop.embeddings",
     "PAPER_TEMPLATES": ".engine.candidates.templates",
 }
 __all__ = sorted(_EXPORTS)

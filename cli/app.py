@@ -266,14 +266,36 @@ def query_cmd(
         help="Approximate indexes: brute-force every prediction that cannot be certified, instead of settling "
              "each (person, template) cell by witnesses and brute-forcing only what open cells need (same "
              "decisions; every top-1 exact)."),
+    embeddings: Optional[Path] = typer.Option(
+        None, "--embeddings",
+        help="Instead of photos: their image embeddings, computed elsewhere, in clip-retrieval's layout "
+             "(img_emb/img_emb_K.npy beside metadata/metadata_K.parquet; or an export's folder). Needs "
+             "--embeddings-model. idia-engine cannot verify embeddings it did not compute: it takes your word "
+             "for their model and their persons (summary.json says so). Rows not unit-norm are scaled to it."),
+    embeddings_model: Optional[str] = typer.Option(
+        None, "--embeddings-model",
+        help="The model that computed --embeddings: the index's --model as its manifest records it, or its "
+             "fingerprint (12+ hex digits; it pins the weights too). Anything else is refused, and so is another "
+             "dimension."),
+    embeddings_person_column: Optional[str] = typer.Option(
+        None, "--embeddings-person-column",
+        help="Metadata column holding each row's person. Default: 'name' if there is one, else the parent "
+             "folder of 'image_path' ('_' read as a space). Rows without a person are left out."),
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Embed each person's photos, search the name index per template, and decide membership (paper mode)."""
+    """Embed each person's photos (or read their embeddings: --embeddings), search the name index per template,
+    and decide membership (paper mode)."""
+    from idia_engine.engine.interop.embeddings import EmbeddingsInput
     from idia_engine.engine.query.run import QueryConfig, run_query
 
     _setup_logging(verbose)
     with _errors_to_exit(out_dir):
+        source = None if embeddings is None else EmbeddingsInput(embeddings, embeddings_model, embeddings_person_column)
+        if source is None and (embeddings_model is not None or embeddings_person_column is not None):
+            from idia_engine.engine.errors import InputError
+
+            raise InputError("--embeddings-model and --embeddings-person-column go with --embeddings DIR")
         faces_dirs = list(faces_dirs or [])
         config = QueryConfig(index_dir=index_dir, faces_dir=faces_dirs[0] if faces_dirs else None,
                              extra_faces_dirs=tuple(faces_dirs[1:]), aliases_file=aliases, faces_list=faces_list,
@@ -282,7 +304,7 @@ def query_cmd(
                              images_per_person=images_per_person, seed=seed, strict=strict, device=device,
                              precision=precision, batch_size=batch_size, workers=workers, store_dtype=store_dtype,
                              search_params=_search_params(search_param), exact_fallback=not no_fallback,
-                             cells=not no_cells, command_line=_command_line(ctx))
+                             cells=not no_cells, command_line=_command_line(ctx), embeddings=source)
         with _progress_bars(not quiet) as progress:
             result = run_query(config, progress)
     _print_query_summary(result.summary, result.run, out_dir)
@@ -317,8 +339,9 @@ def _fmt(x) -> str:
 
 def _print_query_summary(summary: dict, run: dict, out_dir: Path) -> None:
     c = summary["counts"]
-    out.print(f"{c['persons']} persons, {c['images_used']} images used ({run['images_encoded']} encoded, "
-              f"{run['images_from_cache']} from cache, {c['images_skipped']} skipped), "
+    where = (f"{run['images_encoded']} encoded, {run['images_from_cache']} from cache, {c['images_skipped']} skipped"
+             if "embeddings" not in summary else "read from --embeddings, not verified")
+    out.print(f"{c['persons']} persons, {c['images_used']} images used ({where}), "
               f"{c['candidates']} candidate names; tau = {summary['parameters']['tau']}", highlight=False)
     out.print(f"decided member: {c['decided_member']}   non-member: {c['decided_non_member']}", highlight=False)
     if c["candidates_added_for_this_run"]:
@@ -333,6 +356,46 @@ def _print_query_summary(summary: dict, run: dict, out_dir: Path) -> None:
         table.add_row(*[_fmt(m[k]) for k in ("TP", "FP", "TN", "FN", "TPR", "FPR", "accuracy", "precision")])
         out.print(table)
     out.print(Text.assemble("report: ", (str(out_dir), "bold"), " (persons.csv, modes.csv, predictions/, summary.json)"),
+              highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    index_dir: Path = typer.Argument(..., help="An index written by build-index."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="The export folder (an earlier export there is replaced)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Image-embedding store whose photos to export. Default: "
+                                         "the --report's, else <index-dir>/image-store when there is one."),
+    report: Optional[Path] = typer.Option(None, "--report", help="A query report: export its photos, in its row order, "
+                                          "with their paths and persons (the store knows only their sha256)."),
+    rows_per_file: int = typer.Option(1_000_000, "--rows-per-file", help="Rows per .npy/.parquet shard."),
+    dtype: str = typer.Option("float32", "--dtype", help="Shard dtype: float32 (the rows exactly) or float16."),
+    precision: Precision = typer.Option(
+        Precision.FP32, "--precision",
+        help="Without --report: the image forward-pass precision whose embeddings to export (the store keeps each "
+             "apart)."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Write an index's prompt embeddings (names/text_emb, names/metadata) and its store's photo embeddings
+    (images/img_emb, images/metadata) in clip-retrieval's layout, with the model in every metadata file and in
+    idia_export.json: for embedding-reader, autofaiss, clip-retrieval."""
+    from idia_engine.engine.interop.export import ExportConfig, export_embeddings
+
+    _setup_logging(verbose)
+    with _errors_to_exit(out_dir):
+        config = ExportConfig(index_dir=index_dir, out_dir=out_dir, store_dir=store, report_dir=report,
+                              rows_per_file=rows_per_file, dtype=dtype, precision=precision)
+        with _progress_bars(not quiet) as progress:
+            result = export_embeddings(config, progress)
+    side = result.sidecar
+    out.print(f"names: {side['names']['rows']} prompt embeddings in {side['names']['shards']} shard(s)", highlight=False)
+    if side["images"] is not None:
+        out.print(f"images: {side['images']['rows']} photo embeddings in {side['images']['shards']} shard(s)",
+                  highlight=False)
+    else:
+        out.print("images: none (no image store of this index's model)", highlight=False)
+    out.print(Text.assemble("export: ", (str(out_dir), "bold"), f" ({side['names']['model']['dtype']}; model "
+                            f"fingerprint {side['names']['model']['fingerprint'][:12]} in idia_export.json)"),
               highlight=False)
 
 

@@ -130,6 +130,13 @@ class IndexKind(ABC):
         whose searchers are not released as it advances."""
         return list(cls.open_searchers(index, use_gpu=use_gpu))
 
+    @classmethod
+    def stored_rows(cls, index: IndexData, t: int) -> np.ndarray:
+        """Template t's float32 rows [N, D] as the build stored them (L2-normalised; row i = name i): what its
+        names are scored against. Default: the raw vectors file that kinds without exact search keep beside
+        their index; exact kinds give the rows their index holds."""
+        return index.vectors(t)
+
 
 class NameIndexBackend(IndexKind):
     """Top-k inner-product search over the embeddings of one template (one index per template)."""

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .base import NameIndexBackend
+from .base import IndexData, NameIndexBackend, template_file
 from .registry import register_backend
 from .vectors import as_vectors, reject_search_params, sort_topk
 
@@ -112,6 +112,11 @@ class DenseTorchBackend(NameIndexBackend):
 
     def save(self, path: Path) -> None:
         np.save(path, self._names().cpu().numpy())
+
+    @classmethod
+    def stored_rows(cls, index: IndexData, t: int) -> np.ndarray:
+        """The matrix of template t, memory-mapped from the file the dense baseline saves it in."""
+        return np.load(index.data_dir / template_file(t, cls.file_suffix), mmap_mode="r")
 
     @classmethod
     def load(cls, path: Path, *, use_gpu: bool = False) -> DenseTorchBackend:

@@ -11,7 +11,7 @@ import numpy as np
 
 # gpu.faiss_gpu_count is looked up at call time, so tests can patch it in one place.
 from . import gpu as _gpu
-from .base import NameIndexBackend
+from .base import IndexData, NameIndexBackend
 from .errors import VectorFormatError
 from .registry import register_backend
 from .vectors import as_vectors, empty_topk, reject_search_params, sort_topk
@@ -61,6 +61,12 @@ class FlatIPBackend(NameIndexBackend):
             return empty_topk(len(q), 0)
         scores, ids = self._index.search(q, k)
         return sort_topk(scores, ids.astype(np.int64, copy=False))
+
+    @classmethod
+    def stored_rows(cls, index: IndexData, t: int) -> np.ndarray:
+        """The rows of template t's IndexFlatIP, copied out of it: a flat index stores them verbatim (float32)."""
+        backend = index.load_template(t)
+        return backend._index.reconstruct_n(0, backend.ntotal)
 
     def save(self, path: Path) -> None:
         index = faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index

@@ -100,6 +100,11 @@ class NameIndex:
                                 "for exact re-ranking; rebuild the index")
         return np.load(path, mmap_mode="r")
 
+    def stored_rows(self, t: int) -> np.ndarray:
+        """The float32 embeddings [N, D] of template t's prompts as the build stored them (row i = name i), from
+        whichever file the index kind keeps them in: the vectors file, the flat index, the dense matrix."""
+        return self.kind.stored_rows(self, t)
+
     def check_model(self, info: ModelInfo) -> None:
         """Fail fast when `info` is not the model this index was built with."""
         expected = self.manifest.model_info

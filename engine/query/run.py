@@ -15,6 +15,9 @@ Stages, one function each below (each timed, each reporting progress):
 5. decide   - paper mode (`votes.py`): unique plurality per template, score 0..T, member iff score >= tau
 6. report   - persons.csv, modes.csv, predictions/, summary.json, run.json, swapped in atomically
 
+Stages 4-6 take (image rows, their embeddings) whatever computed them (`score_rows`): `query --embeddings`
+(`interop/query_embeddings.py`) reads the rows from a folder in clip-retrieval's layout instead of stages 2-3.
+
 Killed at any point (kill -9 included), a rerun with the same arguments gives a byte-identical report
 except run.json (timings, what was encoded now vs found in the store): encode batches are formed from
 the images not yet in the store, in a fixed order, and each batch commits its embeddings and its
@@ -47,6 +50,7 @@ from ..errors import InputError
 from ..index.encode import encode_name_prompts
 from ..index.layout import DEFAULT_STORE_NAME
 from ..index.reader import NameIndex, open_index
+from ..interop.embeddings import EmbeddingsInput
 from ..model.load import DeviceChoice, LoadedModel, Precision, load_model
 from ..progress import Progress, no_progress
 from .cells import EXACT_STATUSES
@@ -77,7 +81,7 @@ from .report import (
     write_summary,
     write_topk_tables,
 )
-from .search import SearchJob, search_all, status_counts
+from .search import QueryEmbeddings, SearchJob, StoredEmbeddings, search_all, status_counts
 from .settle import settle_cells
 from .store import EmbeddingStore, Namespace
 from .votes import PaperModeVotes, check_tau, paper_mode_votes
@@ -120,10 +124,18 @@ class QueryConfig:
     exact_fallback: bool = True  # approximate kinds: brute-force what cannot be certified (False: flag it)
     cells: bool = True  # approximate kinds: settle cells by witnesses, brute-force only what they leave open
     command_line: str | None = None  # how this run was started (the CLI fills it in), recorded in run.json
+    # instead of photos: their embeddings, computed elsewhere, in clip-retrieval's layout (`interop/`)
+    embeddings: EmbeddingsInput | None = None
 
     def __post_init__(self) -> None:
-        if (self.faces_dir is None) == (self.image_manifest is None):
-            raise InputError("give either a faces folder or --manifest images.csv (exactly one)")
+        if sum(x is not None for x in (self.faces_dir, self.image_manifest, self.embeddings)) != 1:
+            raise InputError("give either a faces folder, --manifest images.csv or --embeddings DIR (exactly one)")
+        if self.embeddings is not None and self.images_per_person is not None:
+            raise InputError("--images-per-person draws photos by their bytes; with --embeddings every row is used "
+                             "(choose the rows in the folder instead)")
+        if self.embeddings is not None and (self.aliases_file or self.faces_list or self.crop):
+            raise InputError("--aliases, --faces-list and --crop read photo files; --embeddings has none (name each "
+                             "row's person in its metadata instead)")
         _check_photo_options(self)
         # (option, value, lowest, highest or None, why the cap): every cap bounds a cost the user chooses.
         checks = [("--top-k", self.top_k, 1, MAX_TOP_K, ("faiss's GPU k-selection limit; predictions/ keeps "
@@ -145,7 +157,8 @@ class QueryConfig:
                 check_finite_number(f"--search-param {key}", value, 0, valid="a finite number >= 0 (or true/false)")
         # Where the report goes: never in, over or around an input (check_output_placement says why each).
         inputs = [("faces folder", self.faces_dir), ("index dir", self.index_dir), ("embedding store", self.store_path),
-                  ("labels file", self.labels_file), ("image manifest", self.image_manifest)]
+                  ("labels file", self.labels_file), ("image manifest", self.image_manifest),
+                  ("embeddings folder", self.embeddings.folder if self.embeddings is not None else None)]
         inputs += [("faces folder", d) for d in self.extra_faces_dirs]
         inputs += [("aliases file", self.aliases_file), ("faces list", self.faces_list)]
         check_output_placement(Path(self.out_dir), "--out", inputs)
@@ -246,6 +259,18 @@ class EncodeOutcome:
 
 
 @dataclass(frozen=True)
+class RowsToScore:
+    """What stages 4-6 take, however the embeddings were obtained: the image rows in report order (person,
+    photo, sha256), their embeddings (row m = image m), and what the report says about the photos left out."""
+
+    rows: list[tuple[str, Path, str]]
+    images: QueryEmbeddings
+    skipped: list[Skipped]
+    duplicates: list[DuplicatePhoto] = field(default_factory=list)
+    shared: list[SharedPhoto] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Decision:
     """Stage 5: the vote and what follows from it."""
 
@@ -257,7 +282,9 @@ class Decision:
 
 
 @dataclass
-class _Timer:
+class StageTimer:
+    """Seconds per named stage of a run (run.json's timings_s)."""
+
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -270,8 +297,13 @@ class _Timer:
 
 
 def run_query(config: QueryConfig, progress: Progress = no_progress, model: LoadedModel | None = None) -> QueryResult:
-    """Run the attack in paper mode and write the report; see the module docstring."""
-    timer = _Timer()
+    """Run the attack in paper mode and write the report; see the module docstring. With `config.embeddings`,
+    the photos' embeddings are read from that folder instead of computed (`interop.query_embeddings`)."""
+    if config.embeddings is not None:
+        from ..interop.query_embeddings import run_embeddings_query  # it builds on this module's stages
+
+        return run_embeddings_query(config, progress, model)
+    timer = StageTimer()
     with timer.stage("inputs"):
         inputs = _read_inputs(config)
     with timer.stage("load model"):
@@ -279,7 +311,7 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
             model = load_model(inputs.index.manifest.model_info.as_spec(), config.device, config.precision)
         inputs.index.check_model(model.info)
     with timer.stage("match names"):
-        inputs = _match_names(inputs, model, config)
+        inputs = match_names(inputs, model, config)
     _require_space(inputs, model, config)
     with inputs.index, EmbeddingStore(config.store_path) as store:
         crops = inputs.photo_inputs.crops if inputs.photo_inputs is not None else None
@@ -294,26 +326,38 @@ def run_query(config: QueryConfig, progress: Progress = no_progress, model: Load
         skipped = hashed.skipped + _skipped_by_encode(hashed, encoded)
         rows = [(name, path, sha) for (name, path), sha in zip(hashed.flat, hashed.shas)
                 if sha is not None and sha not in encoded.undecodable and sha not in encoded.unread]
-        with timer.stage("encode missing names"):
-            # Scored exactly beside the index, with ids after the index's names.
-            extra_emb = encode_name_prompts(model, inputs.index.templates, inputs.missing) if inputs.missing else None
-        person, true_ids = _person_ids(inputs, rows)
-        with staged_directory(Path(config.out_dir), replace_existing=True) as tmp:
-            with timer.stage("search"):
-                top1, status, search_stats = _search(inputs.index, store, ns, rows, extra_emb, model, config, tmp,
-                                                     person, true_ids, progress)
-            with timer.stage("decide"):
-                decision = _decide(inputs, person, true_ids, top1, status, config.tau)
-            with timer.stage("write report"):
-                summary = _write_report(tmp, config, inputs, model, rows, skipped, hashed, decision, search_stats)
-                run = {"created_at": utc_now(), "command_line": config.command_line,
-                       "images_encoded": encoded.encoded,
-                       "images_from_cache": encoded.from_cache, "undecodable_from_store": encoded.known_bad,
-                       "timings_s": dict(timer.seconds)}
-                write_run(tmp, run)
-            fault_point("query.report.staged")
-        run["timings_s"] = timer.seconds  # includes the final swap; the file has all but that
+        images = StoredEmbeddings(store, ns, [sha for _, _, sha in rows])
+        found = RowsToScore(rows, images, skipped, hashed.duplicates, hashed.shared)
+        summary, run = score_rows(config, inputs, model, found, timer, progress,
+                                  {"images_encoded": encoded.encoded, "images_from_cache": encoded.from_cache,
+                                   "undecodable_from_store": encoded.known_bad})
     return QueryResult(Path(config.out_dir), summary, run)
+
+
+def score_rows(config: QueryConfig, inputs: QueryInputs, model: LoadedModel, found: RowsToScore, timer: StageTimer,
+               progress: Progress, run_counts: dict, summary_extra: dict | None = None) -> tuple[dict, dict]:
+    """Stages 4-6 over embedded image rows: search every template, vote, write the report (staged, swapped in
+    whole); returns (summary.json's content, run.json's). `run_counts` are run.json's counts of where the
+    embeddings came from; `summary_extra` adds sections to summary.json. Runs inside the index's `with`."""
+    rows = found.rows
+    with timer.stage("encode missing names"):
+        # Scored exactly beside the index, with ids after the index's names.
+        extra_emb = encode_name_prompts(model, inputs.index.templates, inputs.missing) if inputs.missing else None
+    person, true_ids = _person_ids(inputs, rows)
+    with staged_directory(Path(config.out_dir), replace_existing=True) as tmp:
+        with timer.stage("search"):
+            top1, status, search_stats = _search(inputs.index, found.images, rows, extra_emb, model, config, tmp,
+                                                 person, true_ids, progress)
+        with timer.stage("decide"):
+            decision = _decide(inputs, person, true_ids, top1, status, config.tau)
+        with timer.stage("write report"):
+            summary = _write_report(tmp, config, inputs, model, found, decision, search_stats, summary_extra)
+            run = {"created_at": utc_now(), "command_line": config.command_line, **run_counts,
+                   "timings_s": dict(timer.seconds)}
+            write_run(tmp, run)
+        fault_point("query.report.staged")
+    run["timings_s"] = timer.seconds  # includes the final swap; the file has all but that
+    return summary, run
 
 
 def _read_inputs(config: QueryConfig) -> QueryInputs:
@@ -349,7 +393,7 @@ def _require_space(inputs: QueryInputs, model: LoadedModel, config: QueryConfig)
                        "the report")
 
 
-def _match_names(inputs: QueryInputs, model: LoadedModel, config: QueryConfig) -> QueryInputs:
+def match_names(inputs: QueryInputs, model: LoadedModel, config: QueryConfig) -> QueryInputs:
     """Persons matched to index names by what the model sees: the token ids of the name in its tokenizer
     (`candidates/identity.py`), not the string. Two persons with the same tokens are an error (the model
     cannot tell them apart); a person with the tokens of an index name is that entry (a warning says so);
@@ -388,8 +432,14 @@ def image_fingerprint(model: LoadedModel, decode_version: int = DECODE_VERSION) 
     """Store namespace of a model's image embeddings: the weights, the forward-pass precision and how file
     bytes became pixels (`images.DECODE_VERSION`: embeddings of photos decoded before EXIF orientation was
     applied live under version 1's namespace, so they are never reused for the upright photo)."""
+    return image_fingerprint_of(model.info.fingerprint, model.precision.value, decode_version)
+
+
+def image_fingerprint_of(model_fingerprint: str, precision: str, decode_version: int = DECODE_VERSION) -> str:
+    """`image_fingerprint` from a model's fingerprint and forward-pass precision (`Precision` value), as a
+    manifest or report records them: the store namespace without loading the model."""
     decoding = "" if decode_version == 1 else f"|decode{decode_version}"  # version 1 had no suffix
-    return hashlib.sha256(f"{model.info.fingerprint}|image|{model.precision.value}{decoding}".encode()).hexdigest()
+    return hashlib.sha256(f"{model_fingerprint}|image|{precision}{decoding}".encode()).hexdigest()
 
 
 def _hash(inputs: QueryInputs, config: QueryConfig, progress: Progress) -> HashedImages:
@@ -519,7 +569,7 @@ def _person_ids(inputs: QueryInputs, rows: list[tuple[str, Path, str]]) -> tuple
     return np.array([person_index[n] for n, _, _ in rows], np.int64), true_ids
 
 
-def _search(index: NameIndex, store: EmbeddingStore, ns: Namespace, rows: list[tuple[str, Path, str]],
+def _search(index: NameIndex, images: QueryEmbeddings, rows: list[tuple[str, Path, str]],
             extra_emb: np.ndarray | None, model: LoadedModel, config: QueryConfig, tmp: Path, person: np.ndarray,
             true_ids: np.ndarray, progress: Progress) -> tuple[np.ndarray, np.ndarray, dict]:
     """Stage 4: the top-k per image and template into predictions/, and how each top-1 was obtained; returns
@@ -533,7 +583,7 @@ def _search(index: NameIndex, store: EmbeddingStore, ns: Namespace, rows: list[t
     scores_mm = allocate_npy(pred_dir / "topk_scores.npy", dtype=np.float32, shape=(len(rows), n_templates, k))
     status_mm = allocate_npy(pred_dir / TOP1_STATUS, dtype=np.int8, shape=(len(rows), n_templates))
     by_cells = config.cells and config.exact_fallback and not index.kind.exact_search
-    job = SearchJob(index=index, store=store, ns=ns, shas=[sha for _, _, sha in rows], extra_emb=extra_emb, k=k,
+    job = SearchJob(index=index, images=images, extra_emb=extra_emb, k=k,
                     use_gpu=model.device.type == "cuda", chunk=config.search_chunk,
                     search_params=config.search_params, fallback=config.exact_fallback and not by_cells)
     stats = search_all(job, ids_mm, scores_mm, status_mm, progress)
@@ -563,11 +613,10 @@ def _decide(inputs: QueryInputs, person: np.ndarray, true_ids: np.ndarray, top1:
     return Decision(votes, decisions, metrics, label_info, open_counts == 0)
 
 
-def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: LoadedModel,
-                  rows: list[tuple[str, Path, str]], skipped: list[Skipped], hashed: HashedImages,
-                  decision: Decision, search_stats: dict) -> dict:
+def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: LoadedModel, found: RowsToScore,
+                  decision: Decision, search_stats: dict, summary_extra: dict | None) -> dict:
     """Stage 6 (all but run.json): the report files in the staging directory; returns summary.json's content."""
-    persons, index = inputs.persons, inputs.index
+    persons, index, rows = inputs.persons, inputs.index, found.rows
     candidates = index.names + inputs.missing
     in_index = np.array([inputs.index_id(p) is not None for p in persons])
     write_persons(tmp / "persons.csv", persons, decision.votes, decision.decisions, inputs.labels, in_index)
@@ -577,13 +626,14 @@ def _write_report(tmp: Path, config: QueryConfig, inputs: QueryInputs, model: Lo
     write_topk_tables(tmp / PREDICTIONS, [(n, str(p)) for n, p, _ in rows], candidates, index.templates)
     images_used = decision.votes.n_images
     summary = build_summary(config, index, model, config.store_path, inputs.collection, persons, images_used, rows,
-                            skipped, inputs.missing, decision.votes, decision.decisions, decision.metrics,
+                            found.skipped, inputs.missing, decision.votes, decision.decisions, decision.metrics,
                             decision.label_info, min(config.top_k, len(candidates)),
-                            duplicates=hashed.duplicates, shared=hashed.shared, same_tokens=inputs.same_tokens,
+                            duplicates=found.duplicates, shared=found.shared, same_tokens=inputs.same_tokens,
                             added_prompt_lengths=inputs.added_prompt_lengths)
     summary["search"] = search_stats
     if inputs.photo_inputs is not None:
         _add_photo_inputs(tmp, summary, inputs.photo_inputs, rows)
+    summary.update(summary_extra or {})
     write_summary(tmp, summary)
     return summary
 

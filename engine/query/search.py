@@ -3,13 +3,16 @@
 The index kind decides how (`indexes.IndexKind.open_searchers`): exact kinds (flat, dense) answer by
 themselves; approximate kinds re-rank their candidates exactly against the template's raw vectors,
 certify that no other name can beat the winner, and answer what they cannot certify by brute force (or,
-with fallback off, keep and count it). Image embeddings stream from the store in bounded chunks. Names
-of queried people missing from the index are scored exactly beside it and merged into each top-k.
+with fallback off, keep and count it). Image embeddings stream in bounded chunks, from the store or from
+embeddings computed elsewhere (`QueryEmbeddings`). Names of queried people missing from the index are
+scored exactly beside it and merged into each top-k.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from idia_engine.indexes import sort_topk
@@ -21,18 +24,40 @@ from .cells import BRUTE_FORCE, CERTIFIED, EXACT_BY_INDEX, TRUE_UNRESOLVED, UNCE
 from .store import EmbeddingStore, Namespace
 
 
+class QueryEmbeddings(Protocol):
+    """The image embeddings a search reads: row m is image m of the report."""
+
+    def __len__(self) -> int: ...
+
+    def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, float32 [<= size, D] L2-normalised rows) over every row in order, a bounded chunk at a time."""
+
+
+@dataclass(frozen=True)
+class StoredEmbeddings:
+    """The embeddings `query` computed, read back from its store by image hash."""
+
+    store: EmbeddingStore
+    ns: Namespace  # the model's namespace in the store
+    shas: list[str]  # images in report order
+
+    def __len__(self) -> int:
+        return len(self.shas)
+
+    def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        return self.store.iter_embeddings(self.ns, self.shas, size)
+
+
 @dataclass(frozen=True)
 class SearchJob:
     """One search of a query run: what is searched, how, and where the answers go."""
 
     index: NameIndex
-    store: EmbeddingStore
-    ns: Namespace  # the model's namespace in the store
-    shas: list[str]  # images in report order (row m of the outputs)
+    images: QueryEmbeddings  # the image embeddings, in report order (row m of the outputs)
     extra_emb: np.ndarray | None  # float32 [T, E, D]: names added for this run (ids after the index's names)
     k: int  # candidates kept per image and template
     use_gpu: bool
-    chunk: int  # image embeddings read from the store and searched at once
+    chunk: int  # image embeddings read and searched at once
     search_params: dict | None  # per-call parameters over the manifest's defaults
     fallback: bool  # approximate kinds: brute-force what cannot be certified
 
@@ -45,14 +70,14 @@ def search_all(job: SearchJob, ids_out: np.ndarray, scores_out: np.ndarray, stat
     kept uncertified)."""
     index = job.index
     params = {**index.manifest.search_params, **(job.search_params or {})}
-    total = len(job.shas) * index.num_templates
+    total = len(job.images) * index.num_templates
     stats = {"index_kind": index.manifest.index_kind, "search_params": params, "predictions": total}
     progress("search", 0, total)
     done = 0
     status_out[:] = UNCERTIFIED
     # One searcher at a time (one template, or every template for the ensemble): memory stays bounded.
     for searcher in index.kind.open_searchers(index, use_gpu=job.use_gpu):
-        for start, queries in job.store.iter_embeddings(job.ns, job.shas, job.chunk):
+        for start, queries in job.images.chunks(job.chunk):
             res = searcher.search(queries, job.k, params or None, job.fallback)
             status = np.select([res.exact_by_index, res.certified, res.fell_back],
                                [EXACT_BY_INDEX, CERTIFIED, BRUTE_FORCE], UNCERTIFIED).astype(np.int8)

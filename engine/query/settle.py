@@ -26,9 +26,9 @@ def settle_cells(job: SearchJob, person: np.ndarray, true_ids: np.ndarray, ids_o
     n_templates, n_index, k = index.num_templates, len(index.names), ids_out.shape[2]
     stats = {"cells": len(true_ids) * n_templates, "settled_by_witnesses": 0, "settled_in_round_1": 0,
              "settled_in_round_2": 0, "photos_brute_forced": 0}
-    if not len(job.shas):
+    if not len(job.images):
         return stats
-    q = np.concatenate([emb for _, emb in job.store.iter_embeddings(job.ns, job.shas, job.chunk)])
+    q = np.concatenate([emb for _, emb in job.images.chunks(job.chunk)])
     y = np.asarray(true_ids, np.int64)[person]
     in_index = y < n_index
     progress("settle cells", 0, n_templates)

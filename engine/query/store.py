@@ -442,6 +442,15 @@ class EmbeddingStore:
         self._write([(meta_key, json.dumps({"dim": ns.dim, "dtype": ns.dtype, "model": model}).encode())])
         return ns
 
+    def recorded_namespace(self, fingerprint: str) -> Namespace | None:
+        """The namespace of a model as the store recorded it (its dim and dtype), or None when the store holds
+        nothing of that model; unlike `namespace`, never writes."""
+        raw = self._transact(lambda txn: _copy(txn.get(b"m" + bytes.fromhex(fingerprint))))
+        if raw is None:
+            return None
+        meta = json.loads(raw)
+        return Namespace(fingerprint, int(meta["dim"]), meta["dtype"])
+
     # --- writes -------------------------------------------------------------------------------
 
     def require_writable(self, n_images: int | None = None) -> None:
@@ -570,6 +579,20 @@ class EmbeddingStore:
         """Yield (start row, float32 [<=chunk, dim]) over `sha256s` in order, a bounded chunk at a time."""
         for start in range(0, len(sha256s), chunk):
             yield start, self.get_many(ns, sha256s[start:start + chunk])
+
+    def shas(self, ns: Namespace) -> list[str]:
+        """The image hashes (hex) with an embedding of this model, in key order (failure markers not listed)."""
+        def list_keys(txn) -> list[str]:
+            out = []
+            cur = txn.cursor()
+            if cur.set_range(ns.prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    key = bytes(key)
+                    if not key.startswith(ns.prefix):
+                        break
+                    out.append(key[len(ns.prefix):].hex())
+            return out
+        return self._transact(list_keys)
 
     def count(self, ns: Namespace) -> int:
         """Number of embeddings stored for this model (failure markers not counted)."""
