@@ -235,3 +235,18 @@ def test_every_index_kind_gives_the_rows_its_build_encoded(kind, world, tiny_spe
     emb, meta = _read_all(out / "names", "text_emb", ["template_id", "name_id"])
     assert np.array_equal(emb, stored[meta["template_id"].to_numpy(), meta["name_id"].to_numpy()])
     assert json.loads((out / "idia_export.json").read_text(encoding="utf-8"))["images"] is None
+
+
+@pytest.mark.parametrize("photo_options, pattern", [
+    (["--aliases", "aliases.csv"], r"--aliases, --faces-list and --crop read photo files; --embeddings has none"),
+    (["--images-per-person", "2"], r"--images-per-person draws photos by their bytes"),
+    (["faces"], r"give either a faces folder, --manifest images.csv or --embeddings DIR \(exactly one\)"),
+])
+def test_embeddings_refuse_options_that_read_photos(demo, exported, tmp_path, photo_options, pattern):
+    (tmp_path / "aliases.csv").write_text("alias,name\nA B,C D\n", encoding="utf-8")
+    (tmp_path / "faces").mkdir()
+    argv = [tmp_path / a if a in ("aliases.csv", "faces") else a for a in photo_options]
+    result = _cli("query", *argv, "--index-dir", demo["index"], "--embeddings", exported, "--embeddings-model",
+                  demo["model"], "--out", tmp_path / "r")
+    assert result.exit_code == 2 and re.search(pattern, result.output), result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

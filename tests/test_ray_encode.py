@@ -124,6 +124,8 @@ def test_the_cli_builds_on_ray_and_says_where(local_ray, names_file, tiny_model_
                                       "-q"])
     assert result.exit_code == 0, result.output
     assert "on ray:cpu (fp32)" in result.output
+    ray_setup = json.loads((tmp_path / "idx" / "manifest.json").read_text())["encode"]["ray"]
+    assert (ray_setup["actors"], ray_setup["threads_per_actor"]) == (1, 2)  # this process's 2 threads
     assert content(tmp_path / "idx")[1] == content(single_process["flat"])[1]
 
 
@@ -146,16 +148,19 @@ def test_bad_ray_options_are_one_line_and_write_nothing(names_file, tiny_model_f
 
 
 def test_actors_are_planned_from_the_cluster_resources():
-    assert actor_plan(8, 0, DeviceChoice.AUTO, 0) == ("cpu", 8, 1)  # one single-threaded actor per CPU
-    assert actor_plan(8, 0, DeviceChoice.AUTO, 2) == ("cpu", 2, 4)
-    assert actor_plan(64, 4, DeviceChoice.AUTO, 0) == ("cuda", 4, 1)  # one actor per GPU
-    assert actor_plan(64, 4, DeviceChoice.CPU, 0) == ("cpu", 64, 1)  # --device cpu keeps off the GPUs
+    # CPUs: by default actors with this machine's thread count (the same float32 sums), as many as fit.
+    assert actor_plan(8, 0, DeviceChoice.AUTO, 0, threads=2) == ("cpu", 4, 2)
+    assert actor_plan(8, 0, DeviceChoice.AUTO, 0, threads=1) == ("cpu", 8, 1)
+    assert actor_plan(2, 0, DeviceChoice.AUTO, 0, threads=16) == ("cpu", 1, 2)
+    assert actor_plan(8, 0, DeviceChoice.AUTO, 2, threads=1) == ("cpu", 2, 4)  # --ray-actors shares the CPUs
+    assert actor_plan(64, 4, DeviceChoice.AUTO, 0, threads=2) == ("cuda", 4, 1)  # one actor per GPU
+    assert actor_plan(64, 4, DeviceChoice.CPU, 0, threads=2) == ("cpu", 32, 2)  # --device cpu keeps off the GPUs
     with pytest.raises(InputError, match="--device cuda with --ray: the Ray cluster has no GPU"):
-        actor_plan(8, 0, DeviceChoice.CUDA, 0)
+        actor_plan(8, 0, DeviceChoice.CUDA, 0, threads=2)
     with pytest.raises(InputError, match="has 4 GPU"):
-        actor_plan(64, 4, DeviceChoice.AUTO, 5)
+        actor_plan(64, 4, DeviceChoice.AUTO, 5, threads=2)
     with pytest.raises(InputError, match="has 8 CPU"):
-        actor_plan(8, 0, DeviceChoice.AUTO, 9)
+        actor_plan(8, 0, DeviceChoice.AUTO, 9, threads=2)
 
 
 def test_actors_that_disagree_or_loaded_other_weights_are_refused(tiny_model):

@@ -70,9 +70,13 @@ class PromptEncoderActor:
         return self.model.encode_text([render(template, n) for n in self.names[start:stop]])
 
 
-def actor_plan(total_cpus: float, total_gpus: float, device: DeviceChoice, actors: int) -> tuple[str, int, int]:
-    """(device, actors, CPUs per actor) on a cluster with these resources: one actor per GPU when the cluster
-    has GPUs (unless --device cpu), else one per CPU with one thread each; `actors` > 0 asks for that many."""
+def actor_plan(total_cpus: float, total_gpus: float, device: DeviceChoice, actors: int, threads: int
+               ) -> tuple[str, int, int]:
+    """(device, actors, CPUs per actor) on a cluster with these resources. One actor per GPU when the cluster
+    has GPUs (unless --device cpu). On CPUs, by default each actor runs `threads` torch threads (this
+    machine's count) and there are as many as fit: float32 sums over as many threads are summed in the
+    same order, so the vectors equal this machine's bit for bit (other thread counts change the last bits
+    of ViT-B-32's). `actors` > 0 asks for that many, the CPUs shared among them."""
     device = DeviceChoice(device)
     if device is DeviceChoice.CUDA and total_gpus < 1:
         raise InputError("--device cuda with --ray: the Ray cluster has no GPU; use --device cpu or auto")
@@ -83,10 +87,12 @@ def actor_plan(total_cpus: float, total_gpus: float, device: DeviceChoice, actor
             raise InputError(f"--ray-actors {n}: the Ray cluster has {int(total_gpus)} GPU(s), one per actor")
         return "cuda", n, 1
     cpus = int(total_cpus)
-    n = actors or max(1, cpus)
-    if n > cpus:
-        raise InputError(f"--ray-actors {n}: the Ray cluster has {cpus} CPU(s), at least one per actor")
-    return "cpu", n, max(1, cpus // n)
+    if actors > cpus or cpus < 1:
+        raise InputError(f"--ray-actors {actors}: the Ray cluster has {cpus} CPU(s), at least one per actor")
+    if actors:
+        return "cpu", actors, max(1, cpus // actors)
+    threads = max(1, min(threads, cpus))
+    return "cpu", cpus // threads, threads
 
 
 class RayPromptEncoders:
@@ -95,7 +101,8 @@ class RayPromptEncoders:
     def __init__(self, address: str, actors: int, spec: ModelSpec, precision: Precision, device: DeviceChoice,
                  names: list[str], batch_size: int, local_cpus: int | None = None,
                  after_start: Callable[[RayPromptEncoders], None] | None = None):
-        self.address, self.requested_actors, self.spec, self.precision = address, actors, spec, precision
+        self.address, self.requested_actors, self.spec = address, actors, spec
+        self.precision = Precision(precision)
         self.device, self.names, self.batch_size = device, names, batch_size
         self.local_cpus = local_cpus or actors or os.cpu_count() or 1
         self._queue: deque[tuple[int, str, int, int]] = deque()  # (template id, template, start, stop) to submit
@@ -104,12 +111,14 @@ class RayPromptEncoders:
         self._after_start = after_start  # a check of the actors' setup; on failure they are stopped again
 
     def __enter__(self) -> RayPromptEncoders:
+        import torch
+
         self._connection = ray_connection(self.address, self.local_cpus)
         ray = self._ray = self._connection.__enter__()
         try:
             resources = ray.cluster_resources()
             device, n, cpus = actor_plan(resources.get("CPU", 0), resources.get("GPU", 0), self.device,
-                                         self.requested_actors)
+                                         self.requested_actors, torch.get_num_threads())
             actor_cls = ray.remote(PromptEncoderActor).options(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0)
             names_ref = ray.put(self.names)
             self.actors = [actor_cls.remote(self.spec, self.precision.value, names_ref, device, cpus)
