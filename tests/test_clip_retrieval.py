@@ -161,6 +161,25 @@ def test_query_persons_from_image_path_and_rows_scaled_to_unit_norm(demo, export
     assert np.allclose(scores, np.load(demo["report"] / "predictions/topk_scores.npy"), atol=1e-6)
 
 
+def test_rows_with_a_persons_sha256_again_are_one_photo(demo, exported, tmp_path):
+    """One photo, one vote, as query counts files: the first 5 rows again, under other paths, in a third shard."""
+    folder = tmp_path / "with-copies"
+    shutil.copytree(exported / "images", folder)
+    table = pq.read_table(folder / "metadata/metadata_0.parquet").slice(0, 5)
+    copies = [f"copies/{i}.png" for i in range(5)]
+    table = table.set_column(table.schema.get_field_index("image_path"), "image_path", pa.array(copies))
+    pq.write_table(table, folder / "metadata/metadata_2.parquet")
+    np.save(folder / "img_emb/img_emb_2.npy", np.load(folder / "img_emb/img_emb_0.npy")[:5])
+    out = tmp_path / "report"
+    result = _cli("query", "--index-dir", demo["index"], "--embeddings", folder, "--embeddings-model", demo["model"],
+                  "--labels", demo["work"] / "labels.csv", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [d["dropped"] for d in summary["duplicate_photos"]] == copies
+    assert summary["embeddings"]["rows_duplicate_photo"] == 5 and summary["counts"]["images_used"] == 720
+    _same_report(out, demo["report"], ["persons.csv", "modes.csv", "predictions/topk_ids.npy"])
+
+
 def _variant(exported: Path, tmp_path: Path, change) -> Path:
     folder = tmp_path / "variant"
     shutil.copytree(exported / "images", folder)

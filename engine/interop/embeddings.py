@@ -12,8 +12,9 @@ Who is in each row: the metadata column `--embeddings-person-column` (values are
 and stripped like a CSV manifest's); by default the `name` column when the metadata has one, else the
 parent folder of `image_path`, with `_` read as a space as in a faces folder. Rows with no person (null
 or empty) are left out and counted. Persons are in name order and each person's rows in file order, as
-`query` orders photos; every row is one photo (rows are not de-duplicated: without the photo's bytes
-two rows cannot be told to be one photo, unless a `sha256` column says so, which is not checked).
+`query` orders photos; every row is one photo, except that one photo has one vote as in `query`: where a
+`sha256` column gives a row's photo bytes, a later row of the same person with the same sha256 is left out
+(summary.json's duplicate_photos, as for files). Rows without a sha256 cannot be told to be one photo.
 
 Rows must be L2-normalised, as the engine's own are: a row whose norm is within `NORM_TOLERANCE` of 1
 (float16 storage of a unit row stays within 5e-4) is used exactly as stored, so an export read back
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ import pyarrow as pa
 from ..candidates.names_file import check_name, normalize_name
 from ..errors import InputError
 from ..model.load import ModelInfo
-from ..query.images import name_key, person_name_from_folder
+from ..query.images import DuplicatePhoto, name_key, person_name_from_folder
 from .clip_retrieval import (
     EXPORT_ARTIFACT,
     EXPORT_IMAGES,
@@ -106,12 +107,14 @@ class EmbeddedPhotos:
     rows_without_person: int
     rows_normalised: int  # rows scaled to unit norm (outside NORM_TOLERANCE)
     dtype: str  # of the shards (the first one's; each shard says its own)
+    duplicates: list[DuplicatePhoto] = field(default_factory=list)  # rows left out: a person's sha256 again
 
     def summary(self, declared_model: str) -> dict:
         """summary.json's `embeddings` section."""
         return {"folder": str(self.folder), "declared_model": declared_model, "verified": False,
                 "note": UNVERIFIED, "person_column": self.person_column, "rows_in_folder": self.rows_in_folder,
                 "rows_used": len(self.rows), "rows_without_person": self.rows_without_person,
+                "rows_duplicate_photo": len(self.duplicates),
                 "rows_normalised": self.rows_normalised, "norm_tolerance": NORM_TOLERANCE,
                 "dtype": self.dtype, "shards": len(self.images.shards)}
 
@@ -137,6 +140,8 @@ def read_embedded_photos(source: EmbeddingsInput, info: ModelInfo, dim: int, ind
     by_person: dict[str, list[tuple[str, str, int]]] = {}
     spelt: dict[str, tuple[str, str]] = {}  # name_key -> (name, where first seen)
     without_person = 0
+    first_with_sha: dict[tuple[str, str], str] = {}  # (person, sha256) -> the path of its first row
+    duplicates: list[DuplicatePhoto] = []
     for shard in shards:
         for i, (person, path, sha) in enumerate(_shard_rows(shard, person_column, from_path, info)):
             if person is None:
@@ -148,6 +153,11 @@ def read_embedded_photos(source: EmbeddingsInput, info: ModelInfo, dim: int, ind
             if first != person:
                 raise InputError(f"{where}: person {person!r} differs only in letter case from {first!r} "
                                  f"({first_where}); write one person's name the same way on every row")
+            if sha:  # one photo, one vote: the same bytes again for this person are left out
+                if (person, sha) in first_with_sha:
+                    duplicates.append(DuplicatePhoto(person, first_with_sha[person, sha], path, sha))
+                    continue
+                first_with_sha[person, sha] = path
             by_person.setdefault(person, []).append((path, sha, shard.start + i))
     if not by_person:
         raise InputError(f"--embeddings {folder}: no row names a person in column {person_column!r}; name the "
@@ -158,7 +168,7 @@ def read_embedded_photos(source: EmbeddingsInput, info: ModelInfo, dim: int, ind
     images = ShardRows(shards, order)
     return EmbeddedPhotos(folder, {p: [path for path, _, _ in items] for p, items in persons.items()}, rows, images,
                           person_column, shards[-1].start + shards[-1].rows, without_person, images.check(),
-                          shards[0].dtype)
+                          shards[0].dtype, duplicates)
 
 
 def _layout_folder(folder: Path, info: ModelInfo) -> Path:

@@ -61,7 +61,7 @@ def run_embeddings_query(config: QueryConfig, progress: Progress, model: LoadedM
                        "the report")
     with inputs.index:
         rows = [(person, Path(path), sha) for person, path, sha in photos.rows]
-        found = RowsToScore(rows, photos.images, [])
+        found = RowsToScore(rows, photos.images, [], duplicates=photos.duplicates)
         summary, run = score_rows(config, inputs, model, found, timer, progress,
                                   {"images_encoded": 0, "images_from_cache": 0, "undecodable_from_store": 0,
                                    "images_from_embeddings": len(rows)},
