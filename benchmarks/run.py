@@ -52,6 +52,7 @@ METHODS: dict[str, str] = {
     "ivf-sq8": "IVF-SQ8, raw approximate top-1",
     "ivf-pq": "IVF-PQ (D/8 bytes), raw approximate top-1",
     "hnsw": "HNSW32,Flat (efSearch 64), raw approximate top-1",
+    "bf16-exact": "bf16 full scan, certified re-rank against the float32 rows, brute-force fallback (exact)",
     "ensemble": "template-ensemble prefilter (K'=256), no fallback (approximate)",
     "ensemble-exact": "template-ensemble prefilter with brute-force fallback (exact)",
     "cells": "template-ensemble prefilter, cells settled by witnesses, batched brute force for the rest (exact)",
@@ -59,10 +60,10 @@ METHODS: dict[str, str] = {
     "dense-gpu": "dense torch matmul + top-k on the GPU",
 }
 # ivf-pq is opt-in (--methods): training 64 sub-quantizers per template dominates a short CPU run.
-DEFAULT_METHODS = ("dense", "flat", "ivf-flat", "ivf-flat+rerank", "ivf-sq8", "hnsw", "ensemble", "ensemble-exact",
-                   "cells", "flat-gpu", "dense-gpu")
-_TEMPLATE_METHODS = ("dense", "flat", "ivf-flat", "ivf-flat+rerank", "ivf-sq8", "ivf-pq", "hnsw", "flat-gpu",
-                     "dense-gpu")
+DEFAULT_METHODS = ("dense", "flat", "ivf-flat", "ivf-flat+rerank", "ivf-sq8", "hnsw", "bf16-exact", "ensemble",
+                   "ensemble-exact", "cells", "flat-gpu", "dense-gpu")
+_TEMPLATE_METHODS = ("dense", "flat", "ivf-flat", "ivf-flat+rerank", "ivf-sq8", "ivf-pq", "hnsw", "bf16-exact",
+                     "flat-gpu", "dense-gpu")
 _IVF_FACTORIES = {"ivf-flat": "Flat", "ivf-flat+rerank": "Flat", "ivf-sq8": "SQ8", "ivf-pq": "PQ"}
 
 
@@ -205,6 +206,9 @@ class _PerTemplate:
         elif m in ("flat", "flat-gpu"):
             backend = get_backend("flat").create(self.dim, use_gpu=m == "flat-gpu")
             nbytes = rows.nbytes
+        elif m == "bf16-exact":
+            backend = get_backend("bf16").create(self.dim)
+            nbytes = rows.nbytes // 2  # in memory; the float32 rows it re-ranks against stay on disk (memmap)
         elif m == "hnsw":
             backend = get_backend("faiss:HNSW32,Flat").create(self.dim)
             params = {"efSearch": 64}
@@ -225,6 +229,11 @@ class _PerTemplate:
             res = search_exact(backend, rows, self.q, 1, params, fallback=False, candidates=64, need=Exactness.TOP1)
             ids = res.ids
             self.certified += int(res.certified.sum())
+        elif m == "bf16-exact":
+            res = search_exact(backend, rows, self.q, 1, fallback=True, need=Exactness.TOP1)
+            ids = res.ids
+            self.certified += int(res.certified.sum())
+            self.fell_back += int(res.fell_back.sum())
         else:
             _, ids = backend.search(self.q, 1, params or None)
         _sync()
@@ -294,9 +303,9 @@ def _one_size(config: BenchConfig, n: int, progress: Callable[[str, int, int], N
         results[m] = {"qps": len(q) * t_count / p.search_s, "search_s": p.search_s, "build_s": p.build_s,
                       "index_bytes": p.index_bytes, "rss_gb_after_build": round(p.rss_gb, 3),
                       **_agreement(p.top1, ref, person, true)}
-        if m == "ivf-flat+rerank":
+        if m in ("ivf-flat+rerank", "bf16-exact"):
             results[m]["certified_fraction"] = p.certified / (len(q) * t_count)
-            results[m]["fell_back_fraction"] = 0.0
+            results[m]["fell_back_fraction"] = p.fell_back / (len(q) * t_count)
     ens, build_s, src = None, 0.0, _TimedSource(gen)
     for m in ("ensemble", "ensemble-exact"):
         if m not in config.methods:

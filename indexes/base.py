@@ -142,6 +142,9 @@ class NameIndexBackend(IndexKind):
     """Top-k inner-product search over the embeddings of one template (one index per template)."""
 
     file_suffix: ClassVar[str]  # suffix of the file `save` writes
+    # Candidates beyond k that `search_exact` re-ranks for approximate kinds (None: DEFAULT_EXTRA_CANDIDATES):
+    # a kind whose bound is tight needs few, and each costs a float64 re-score per query.
+    extra_candidates: ClassVar[int | None] = None
 
     @classmethod
     @abstractmethod

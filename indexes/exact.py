@@ -258,7 +258,8 @@ def search_exact(backend: NameIndexBackend, vectors: np.ndarray, queries: np.nda
 
     params: per-call search parameters of the backend (e.g. {"nprobe": 32}).
     fallback: answer queries not certified at level `need` by brute force (True), or flag them (False).
-    candidates: k', the number of approximate candidates re-ranked (default k + DEFAULT_EXTRA_CANDIDATES).
+    candidates: k', the number of approximate candidates re-ranked (default k + the backend's extra_candidates,
+        else DEFAULT_EXTRA_CANDIDATES).
     need: TOPK (every returned rank exact) or TOP1 (only the arg-max must be exact; cheaper).
     """
     rows = _check_rows(vectors, backend.dim, backend.ntotal)
@@ -271,7 +272,9 @@ def search_exact(backend: NameIndexBackend, vectors: np.ndarray, queries: np.nda
         return ExactSearchResult(*empty, ~none, ~none, none, need)
     if candidates is not None and int(candidates) < 1:
         raise VectorFormatError(f"candidates must be >= 1, got {candidates!r}")
-    kc = min(n, max(k, int(candidates) if candidates is not None else k + DEFAULT_EXTRA_CANDIDATES))
+    extra = getattr(backend, "extra_candidates", None)  # kinds with a tight bound ask for fewer
+    extra = DEFAULT_EXTRA_CANDIDATES if extra is None else extra
+    kc = min(n, max(k, int(candidates) if candidates is not None else k + extra))
     cand = backend_candidates(backend, q, kc, params)
     scores, ids = sort_topk(exact_scores(rows, q, cand.ids), cand.ids)
     scores, ids = scores[:, :k].copy(), ids[:, :k].copy()
