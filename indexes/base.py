@@ -145,6 +145,8 @@ class NameIndexBackend(IndexKind):
     # Candidates beyond k that `search_exact` re-ranks for approximate kinds (None: DEFAULT_EXTRA_CANDIDATES):
     # a kind whose bound is tight needs few, and each costs a float64 re-score per query.
     extra_candidates: ClassVar[int | None] = None
+    # Candidates of a second look at the queries the first could not certify, before brute force (None: none).
+    wider_candidates: ClassVar[int | None] = None
 
     @classmethod
     @abstractmethod

@@ -15,6 +15,8 @@ descending, ties to the lower id (`indexes.base.sort_topk`), the engine's one ar
   (c) certification: a left-out row x has float32(q.x) <= float32(bound) (rounding to nearest is monotone),
       so the top-1 is exact when s_1 > float32(bound) (strict: an equal score with a lower id would win),
       and the whole top-k when s_k > float32(bound);
+  (c') a kind that names `wider_candidates` (a cheap scan with a tight bound) gets a second look first: the
+      queries not certified are searched again with that many candidates and re-certified;
   (d) queries not certified (at the level `need` asks for) are answered by `exact_topk`, a brute force over
       all rows in bounded memory, or, with fallback=False, keep the re-ranked answer and are flagged.
 """
@@ -249,6 +251,18 @@ def backend_candidates(backend: NameIndexBackend, queries: np.ndarray, k: int,
     return backend.search_candidates(queries, k, params)
 
 
+def _rerank(rows: np.ndarray, q: np.ndarray, cand: Candidates, k: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps (b) and (c): the candidates re-scored exactly, the top-k kept; (scores, ids, top-1 certified,
+    top-k certified)."""
+    scores, ids = sort_topk(exact_scores(rows, q, cand.ids), cand.ids)
+    scores, ids = scores[:, :k].copy(), ids[:, :k].copy()
+    with np.errstate(over="ignore"):
+        bound32 = np.asarray(cand.bound, np.float64).astype(np.float32)
+    found = (cand.ids >= 0).sum(axis=1)
+    return scores, ids, (found >= 1) & (scores[:, 0] > bound32), (found >= k) & (scores[:, k - 1] > bound32)
+
+
 def search_exact(backend: NameIndexBackend, vectors: np.ndarray, queries: np.ndarray, k: int,
                  params: Mapping[str, Any] | None = None, fallback: bool = True, *,
                  candidates: int | None = None, need: Exactness = Exactness.TOPK) -> ExactSearchResult:
@@ -275,15 +289,14 @@ def search_exact(backend: NameIndexBackend, vectors: np.ndarray, queries: np.nda
     extra = getattr(backend, "extra_candidates", None)  # kinds with a tight bound ask for fewer
     extra = DEFAULT_EXTRA_CANDIDATES if extra is None else extra
     kc = min(n, max(k, int(candidates) if candidates is not None else k + extra))
-    cand = backend_candidates(backend, q, kc, params)
-    scores, ids = sort_topk(exact_scores(rows, q, cand.ids), cand.ids)
-    scores, ids = scores[:, :k].copy(), ids[:, :k].copy()
-    with np.errstate(over="ignore"):
-        bound32 = np.asarray(cand.bound, np.float64).astype(np.float32)
-    found = (cand.ids >= 0).sum(axis=1)
-    certified = (found >= 1) & (scores[:, 0] > bound32)
-    certified_topk = (found >= k) & (scores[:, k - 1] > bound32)
+    scores, ids, certified, certified_topk = _rerank(rows, q, backend_candidates(backend, q, kc, params), k)
     ok = certified_topk if need is Exactness.TOPK else certified
+    wider = getattr(backend, "wider_candidates", None)  # a second, wider look before any brute force
+    if wider is not None and candidates is None and min(n, wider) > kc and not ok.all():
+        again = np.flatnonzero(~ok)
+        s2, i2, c2, ct2 = _rerank(rows, q[again], backend_candidates(backend, q[again], min(n, wider), params), k)
+        scores[again], ids[again], certified[again], certified_topk[again] = s2, i2, c2, ct2
+        ok = certified_topk if need is Exactness.TOPK else certified
     fell_back = none.copy()
     if fallback and not ok.all():
         redo = np.flatnonzero(~ok)

@@ -135,3 +135,26 @@ def test_saved_and_loaded_it_answers_alike_and_a_foreign_file_is_refused(tmp_pat
         BF16ScanBackend.load(bad)
     with pytest.raises(VectorFormatError, match="takes no search parameters"):
         backend.search(q, 3, {"nprobe": 4})
+
+
+def test_a_second_wider_look_certifies_what_the_first_could_not():
+    """100 rows just under the best one fill the first look's 16 candidates, so its bound (their score plus
+    ~0.005) cannot certify; the second look's 512 reach rows far below, and certify without brute force."""
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal(D)
+    q /= np.linalg.norm(q)
+
+    def at_cosine(cos: np.ndarray) -> np.ndarray:
+        o = rng.standard_normal((len(cos), D))
+        o -= np.outer(o @ q, q)
+        o /= np.linalg.norm(o, axis=1, keepdims=True)
+        return cos[:, None] * q + np.sqrt(1 - cos[:, None] ** 2) * o
+
+    rows = np.concatenate([at_cosine(np.array([0.5])), at_cosine(np.full(100, 0.499)),
+                           at_cosine(rng.uniform(0.0, 0.1, 3000))]).astype(np.float32)
+    backend = BF16ScanBackend.create(D)
+    backend.add(rows)
+    first = backend.search_candidates(q[None].astype(np.float32), 1 + BF16ScanBackend.extra_candidates)
+    assert first.bound[0] >= 0.5  # the first look alone could not certify the best row
+    result = search_exact(backend, rows, q[None].astype(np.float32), 1, need=Exactness.TOP1)
+    assert result.certified.all() and not result.fell_back.any() and result.ids[0, 0] == 0
