@@ -1,6 +1,6 @@
 """Fault points: named places in build-index and query where a test can kill or pause the process.
 
-The crash tests (tests/test_crash.py) run the real CLI in a subprocess with
+The crash tests (tests/test_crash.py) run the real CLI in a process of its own with
 
     IDIA_FAULT="<point>:<n>:kill"           SIGKILL this process the n-th time <point> is reached
     IDIA_FAULT="<point>:<n>:sleep=<s>"      sleep s seconds there (to make a race happen on purpose)
