@@ -42,6 +42,7 @@ _WHAT = "the bf16 index"
 OUTPUT_ROUNDING = 2.0 ** -7  # bf16 has an 8-bit significand: |rounding| < 2^-7 |c| whatever the rounding mode
 ROW_CHUNK = 1 << 17  # rows scanned at once: a [queries, ROW_CHUNK] bf16 score block
 QUERY_BLOCK = 1024  # queries per scan
+SELECT_BLOCK = 128  # rows whose scores are reduced to one max before the top-k (`_chunk_topk`)
 SLACK = 1e-12  # relative margin for the float64 arithmetic of the bound itself
 NORM_MARGIN = 1e-3  # the row norms are measured in float32 (error <= gamma_D ~ 3e-5 for D = 512), then raised by this
 
@@ -71,6 +72,35 @@ def check_bf16_accumulation() -> None:
     if not _accumulation_checked:
         raise VectorFormatError("this torch's bf16 matmul does not accumulate in float32, which the bf16 index's "
                                 "error bound needs; build with --index flat")
+
+
+def _chunk_topk(queries: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest bf16 scores of queries against rows (float32 values, row ids), selected through block
+    maxima: the scores of each run of SELECT_BLOCK rows are reduced to their max, the k best blocks are kept,
+    and the k best scores among them. That is exact for the bound: any row outside the kept blocks scores at
+    most the k-th kept block's max, and the k kept blocks hold k scores at least that high, so it is at most
+    the k-th value returned (ties aside, the same top-k a full top-k gives). A full top-k over the score
+    matrix cost about as much as the matmul; the block maxima are one pass (measured: 59 vs 67 ms for 300
+    queries x 10^5 rows on the Xeon). Rows past the last whole block are scored apart."""
+    whole = (len(rows) // SELECT_BLOCK) * SELECT_BLOCK
+    parts = []
+    if whole // SELECT_BLOCK > k:
+        scores = (queries @ rows[:whole].T).view(len(queries), whole // SELECT_BLOCK, SELECT_BLOCK)
+        _, blocks = scores.amax(dim=2).topk(k, dim=1)
+        kept = scores.gather(1, blocks[:, :, None].expand(-1, -1, SELECT_BLOCK)).reshape(len(queries), -1)
+        v, pos = kept.topk(k, dim=1)
+        parts.append((v.float(), blocks.gather(1, pos // SELECT_BLOCK) * SELECT_BLOCK + pos % SELECT_BLOCK))
+    else:
+        whole = 0
+    if whole < len(rows):
+        scores = queries @ rows[whole:].T
+        v, i = scores.topk(min(k, scores.shape[1]), dim=1)
+        parts.append((v.float(), i + whole))
+    if len(parts) == 1:
+        return parts[0]
+    v, i = torch.cat([parts[0][0], parts[1][0]], 1), torch.cat([parts[0][1], parts[1][1]], 1)
+    v, pos = v.topk(k, dim=1)
+    return v, i.gather(1, pos)
 
 
 @register_backend
@@ -138,9 +168,8 @@ class BF16ScanBackend(NameIndexBackend):
             block = qb[q0:q0 + QUERY_BLOCK]
             best_v, best_i = None, None
             for r0 in range(0, len(rows), ROW_CHUNK):
-                scores = block @ rows[r0:r0 + ROW_CHUNK].T
-                v, i = scores.topk(min(k, scores.shape[1]), dim=1)
-                v, i = v.float(), i + r0
+                v, i = _chunk_topk(block, rows[r0:r0 + ROW_CHUNK], k)
+                i = i + r0
                 if best_v is not None:
                     v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
                     v, pos = v.topk(k, dim=1)

@@ -158,3 +158,19 @@ def test_a_second_wider_look_certifies_what_the_first_could_not():
     assert first.bound[0] >= 0.5  # the first look alone could not certify the best row
     result = search_exact(backend, rows, q[None].astype(np.float32), 1, need=Exactness.TOP1)
     assert result.certified.all() and not result.fell_back.any() and result.ids[0, 0] == 0
+
+
+@pytest.mark.parametrize("n, k", [(5000, 16), (5000, 39), (5000, 40), (100, 16), (128 * 20, 19)])
+def test_top_k_through_block_maxima_equals_a_full_top_k(n, k):
+    """Selection by block maxima (whole blocks, the rows past them, too few blocks) gives the values a full
+    top-k gives, and ids that hold them."""
+    from idia_engine.indexes.bf16 import _chunk_topk
+
+    g = torch.Generator().manual_seed(n + k)
+    queries = torch.randn((12, 64), generator=g).to(torch.bfloat16)
+    rows = torch.randn((n, 64), generator=g).to(torch.bfloat16)
+    v, ids = _chunk_topk(queries, rows, k)
+    scores = (queries @ rows.T).float()
+    full_v, _ = scores.topk(k, dim=1)
+    assert torch.equal(v, full_v)
+    assert torch.equal(scores.gather(1, ids), v) and all(len(set(r.tolist())) == k for r in ids)
