@@ -24,7 +24,6 @@ adds up) and refuses the kind where it fails.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,11 +95,14 @@ def _chunk_topk(queries: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torc
         scores = queries @ rows[whole:].T
         v, i = scores.topk(min(k, scores.shape[1]), dim=1)
         parts.append((v.float(), i + whole))
-    if len(parts) == 1:
-        return parts[0]
-    v, i = torch.cat([parts[0][0], parts[1][0]], 1), torch.cat([parts[0][1], parts[1][1]], 1)
-    v, pos = v.topk(k, dim=1)
-    return v, i.gather(1, pos)
+    return parts[0] if len(parts) == 1 else _merge_topk(parts[0], parts[1], k)
+
+
+def _merge_topk(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of two (values, ids) top-k's of the same queries."""
+    v, pos = torch.cat([a[0], b[0]], 1).topk(k, dim=1)
+    return v, torch.cat([a[1], b[1]], 1).gather(1, pos)
 
 
 @register_backend
@@ -166,29 +168,19 @@ class BF16ScanBackend(NameIndexBackend):
         out_i = np.empty((len(q), k), np.int64)
         for q0 in range(0, len(q), QUERY_BLOCK):
             block = qb[q0:q0 + QUERY_BLOCK]
-            best_v, best_i = None, None
+            best = None
             for r0 in range(0, len(rows), ROW_CHUNK):
                 v, i = _chunk_topk(block, rows[r0:r0 + ROW_CHUNK], k)
-                i = i + r0
-                if best_v is not None:
-                    v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
-                    v, pos = v.topk(k, dim=1)
-                    i = i.gather(1, pos)
-                best_v, best_i = v, i
-            out_v[q0:q0 + len(block)] = best_v.double().numpy()
-            out_i[q0:q0 + len(block)] = best_i.numpy()
+                best = (v, i + r0) if best is None else _merge_topk(best, (v, i + r0), k)
+            out_v[q0:q0 + len(block)] = best[0].double().numpy()
+            out_i[q0:q0 + len(block)] = best[1].numpy()
         return out_v, out_i
 
     def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """The bf16 scan's own top-k (approximate scores; the engine re-scores them exactly)."""
-        reject_search_params(_WHAT, params)
-        q = as_vectors(queries, self.dim, what="queries")
-        k = min(int(k), self.ntotal)
-        if k < 1:
-            return empty_topk(len(q), 0)
-        v, i = self._scan(q, k)
-        return sort_topk(v.astype(np.float32), i)
+        found = self.search_candidates(queries, k, params)
+        return found.scores, found.ids
 
     def search_candidates(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None = None
                           ) -> Candidates:
@@ -229,7 +221,6 @@ class BF16ScanBackend(NameIndexBackend):
                 rows, norms = data["rows"], data["norms"]
         except (OSError, ValueError, KeyError) as e:
             raise VectorFormatError(f"{path} is not a bf16 index ({e})") from None
-        if rows.dtype != np.int16 or rows.ndim != 2 or norms.shape != (3,) or not np.isfinite(norms).all() \
-                or math.isnan(float(norms.sum())):
+        if rows.dtype != np.int16 or rows.ndim != 2 or norms.shape != (3,) or not np.isfinite(norms).all():
             raise VectorFormatError(f"{path} is not a bf16 index (rows {rows.dtype} {rows.shape}, norms {norms})")
         return cls(rows.shape[1], torch.from_numpy(rows).view(torch.bfloat16), *map(float, norms))

@@ -15,8 +15,9 @@ descending, ties to the lower id (`indexes.base.sort_topk`), the engine's one ar
   (c) certification: a left-out row x has float32(q.x) <= float32(bound) (rounding to nearest is monotone),
       so the top-1 is exact when s_1 > float32(bound) (strict: an equal score with a lower id would win),
       and the whole top-k when s_k > float32(bound);
-  (c') a kind that names `wider_candidates` (a cheap scan with a tight bound) gets a second look first: the
-      queries not certified are searched again with that many candidates and re-certified;
+  (c') a kind that names `wider_candidates` (a cheap scan with a tight bound) gets a second look first, unless
+      the caller fixed `candidates`: the queries not certified are searched again with that many candidates
+      and re-certified;
   (d) queries not certified (at the level `need` asks for) are answered by `exact_topk`, a brute force over
       all rows in bounded memory, or, with fallback=False, keep the re-ranked answer and are flagged.
 """

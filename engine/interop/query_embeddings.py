@@ -14,14 +14,22 @@ import logging
 from pathlib import Path
 
 from ..disk.faults import fault_point
-from ..disk.space import require_free_space
 from ..index.reader import open_index
 from ..model.load import LoadedModel, load_model
 from ..progress import Progress
 from ..query.images import ImageCollection
 from ..query.labels import read_labels
 from ..query.report import check_report_dir
-from ..query.run import QueryConfig, QueryInputs, QueryResult, RowsToScore, StageTimer, match_names, score_rows
+from ..query.run import (
+    QueryConfig,
+    QueryInputs,
+    QueryResult,
+    RowsToScore,
+    StageTimer,
+    match_names,
+    require_report_space,
+    score_rows,
+)
 from ..query.votes import check_tau
 from .embeddings import NORM_TOLERANCE, read_embedded_photos
 
@@ -55,10 +63,7 @@ def run_embeddings_query(config: QueryConfig, progress: Progress, model: LoadedM
         index.check_model(model.info)
     with timer.stage("match names"):
         inputs = match_names(inputs, model, config)
-    k = min(config.top_k, len(index.names) + len(inputs.missing))
-    per_prediction = 9 + 160  # as query estimates: the arrays and a topk.csv/parquet row
-    require_free_space(Path(config.out_dir).parent, len(photos.rows) * len(index.templates) * k * per_prediction,
-                       "the report")
+    require_report_space(inputs, config, len(photos.rows))
     with inputs.index:
         rows = [(person, Path(path), sha) for person, path, sha in photos.rows]
         found = RowsToScore(rows, photos.images, [], duplicates=photos.duplicates)

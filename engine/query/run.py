@@ -387,6 +387,11 @@ def _require_space(inputs: QueryInputs, model: LoadedModel, config: QueryConfig)
     photos = sum(len(v) for v in inputs.collection.persons.values())
     width = 2 if config.store_dtype == "float16" else 4
     require_free_space(Path(config.store_path), 2 * photos * model.info.embed_dim * width, "the embedding store")
+    require_report_space(inputs, config, photos)
+
+
+def require_report_space(inputs: QueryInputs, config: QueryConfig, photos: int) -> None:
+    """Refuse, in one line, a report whose disk cannot hold the predictions of `photos` images."""
     k = min(config.top_k, len(inputs.index.names) + len(inputs.missing))
     per_prediction = 9 + 160  # the arrays (int32 id, float32 cosine, int8 status) and a topk.csv/parquet row
     require_free_space(Path(config.out_dir).parent, photos * len(inputs.index.templates) * k * per_prediction,

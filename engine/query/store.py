@@ -140,6 +140,17 @@ def _copy(value) -> bytes | None:
     return None if value is None else bytes(value)
 
 
+def _keys_with(txn, prefix: bytes) -> Iterator[bytes]:
+    """The keys of a read transaction that start with `prefix`, in key order (a cursor from the first)."""
+    cur = txn.cursor()
+    if cur.set_range(prefix):
+        for key in cur.iternext(keys=True, values=False):
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            yield key
+
+
 def _readonly_reason(e: BaseException) -> str | None:
     """The reason text when `e` says the location cannot be written, else None."""
     code = getattr(e, "code", None) if isinstance(e, lmdb.Error) else getattr(e, "errno", None)
@@ -582,27 +593,8 @@ class EmbeddingStore:
 
     def shas(self, ns: Namespace) -> list[str]:
         """The image hashes (hex) with an embedding of this model, in key order (failure markers not listed)."""
-        def list_keys(txn) -> list[str]:
-            out = []
-            cur = txn.cursor()
-            if cur.set_range(ns.prefix):
-                for key in cur.iternext(keys=True, values=False):
-                    key = bytes(key)
-                    if not key.startswith(ns.prefix):
-                        break
-                    out.append(key[len(ns.prefix):].hex())
-            return out
-        return self._transact(list_keys)
+        return self._transact(lambda txn: [key[len(ns.prefix):].hex() for key in _keys_with(txn, ns.prefix)])
 
     def count(self, ns: Namespace) -> int:
         """Number of embeddings stored for this model (failure markers not counted)."""
-        def count_keys(txn) -> int:
-            n = 0
-            cur = txn.cursor()
-            if cur.set_range(ns.prefix):
-                for key in cur.iternext(keys=True, values=False):
-                    if not bytes(key).startswith(ns.prefix):
-                        break
-                    n += 1
-            return n
-        return self._transact(count_keys)
+        return self._transact(lambda txn: sum(1 for _ in _keys_with(txn, ns.prefix)))
