@@ -15,9 +15,9 @@ descending, ties to the lower id (`indexes.base.sort_topk`), the engine's one ar
   (c) certification: a left-out row x has float32(q.x) <= float32(bound) (rounding to nearest is monotone),
       so the top-1 is exact when s_1 > float32(bound) (strict: an equal score with a lower id would win),
       and the whole top-k when s_k > float32(bound);
-  (c') a kind that names `wider_candidates` (a cheap scan with a tight bound) gets a second look first, unless
-      the caller fixed `candidates`: the queries not certified are searched again with that many candidates
-      and re-certified;
+  (a'-c') a kind with a search of its own that is certified the same way (`certified_search`: the bf16
+      scan, whose block maxima give a second look without a second scan) answers instead, unless the caller
+      fixed `candidates`;
   (d) queries not certified (at the level `need` asks for) are answered by `exact_topk`, a brute force over
       all rows in bounded memory, or, with fallback=False, keep the re-ranked answer and are flagged.
 """
@@ -290,14 +290,14 @@ def search_exact(backend: NameIndexBackend, vectors: np.ndarray, queries: np.nda
     extra = getattr(backend, "extra_candidates", None)  # kinds with a tight bound ask for fewer
     extra = DEFAULT_EXTRA_CANDIDATES if extra is None else extra
     kc = min(n, max(k, int(candidates) if candidates is not None else k + extra))
+    own = getattr(backend, "certified_search", None)
+    if own is not None and candidates is None:
+        result = own(rows, q, k, params, fallback, need)
+        log.info("exact search over %d rows (%s, its own certified search): %d queries, %d certified (top-1), "
+                 "%d by brute force", n, backend.kind, nq, int(result.certified.sum()), int(result.fell_back.sum()))
+        return result
     scores, ids, certified, certified_topk = _rerank(rows, q, backend_candidates(backend, q, kc, params), k)
     ok = certified_topk if need is Exactness.TOPK else certified
-    wider = getattr(backend, "wider_candidates", None)  # a second, wider look before any brute force
-    if wider is not None and candidates is None and min(n, wider) > kc and not ok.all():
-        again = np.flatnonzero(~ok)
-        s2, i2, c2, ct2 = _rerank(rows, q[again], backend_candidates(backend, q[again], min(n, wider), params), k)
-        scores[again], ids[again], certified[again], certified_topk[again] = s2, i2, c2, ct2
-        ok = certified_topk if need is Exactness.TOPK else certified
     fell_back = none.copy()
     if fallback and not ok.all():
         redo = np.flatnonzero(~ok)

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 from idia_engine.indexes import get_backend
-from idia_engine.indexes.bf16 import OUTPUT_ROUNDING, BF16ScanBackend, keeps_the_bound
+from idia_engine.indexes.bf16 import (
+    MAX_LOOK_BLOCKS,
+    OUTPUT_ROUNDING,
+    SELECT_BLOCK,
+    BF16ScanBackend,
+    keeps_the_bound,
+)
 from idia_engine.indexes.bounds import gamma
 from idia_engine.indexes.errors import VectorFormatError
 from idia_engine.indexes.exact import Exactness, exact_topk, search_exact
@@ -78,18 +84,38 @@ def test_every_left_out_row_is_under_the_bound_on_structured_rows():
     assert np.median(cand.bound - real.max(axis=1)) < 0.02  # and it is a bound that can certify
 
 
-def test_near_ties_bf16_cannot_order_are_answered_by_brute_force():
-    rng = np.random.default_rng(5)
+def near_tie_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
     u = rng.standard_normal(D)
-    rows = u + 1e-3 * rng.standard_normal((3000, D))  # cosines within ~1e-5 of each other
+    rows = u + 1e-3 * rng.standard_normal((n, D))  # cosines within ~1e-5 of each other: bf16 cannot order them
     rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
-    queries = (u + 1e-3 * rng.standard_normal((16, D))).astype(np.float32)
+    return rows, (u + 1e-3 * rng.standard_normal((16, D))).astype(np.float32)
+
+
+def test_near_ties_bf16_cannot_order_are_scored_exactly_block_by_block():
+    """Every block's bound reaches the top score, so the second look scores them all exactly (3000 rows are 24
+    blocks): the answer is exact and certified, without brute force."""
+    rows, queries = near_tie_rows(3000, 5)
+    backend = BF16ScanBackend.create(D)
+    backend.add(rows)
+    first = backend.search_candidates(queries, 5 + BF16ScanBackend.extra_candidates)
+    assert (first.bound >= exact_topk(rows, queries, 1)[0][:, 0]).all()  # the candidates alone certify nothing
+    result = search_exact(backend, rows, queries, 5, need=Exactness.TOPK)
+    scores, ids = exact_topk(rows, queries, 5)
+    assert result.certified_topk.all() and not result.fell_back.any()
+    assert np.array_equal(result.ids, ids) and np.array_equal(result.scores, scores)
+
+
+def test_near_ties_over_more_blocks_than_the_second_look_takes_are_brute_forced():
+    rows, queries = near_tie_rows(SELECT_BLOCK * (MAX_LOOK_BLOCKS + 8), 6)
     backend = BF16ScanBackend.create(D)
     backend.add(rows)
     result = search_exact(backend, rows, queries, 5, need=Exactness.TOP1)
     scores, ids = exact_topk(rows, queries, 5)
     assert not result.certified.any() and result.fell_back.all()  # the certificate refuses what it cannot know
     assert np.array_equal(result.ids, ids) and np.array_equal(result.scores, scores)
+    kept = search_exact(backend, rows, queries, 5, fallback=False, need=Exactness.TOP1)
+    assert not kept.fell_back.any() and not kept.exact.any()  # without fallback: flagged, not passed off as exact
 
 
 def test_separated_rows_are_certified_without_brute_force():
@@ -137,9 +163,10 @@ def test_saved_and_loaded_it_answers_alike_and_a_foreign_file_is_refused(tmp_pat
         backend.search(q, 3, {"nprobe": 4})
 
 
-def test_a_second_wider_look_certifies_what_the_first_could_not():
-    """100 rows just under the best one fill the first look's 16 candidates, so its bound (their score plus
-    ~0.005) cannot certify; the second look's 512 reach rows far below, and certify without brute force."""
+def test_the_second_look_certifies_what_the_candidates_could_not():
+    """100 rows just under the best one fill the 16 candidates, so their bound (their score plus ~0.005) cannot
+    certify; the second look scores the blocks whose maxima reach the best score exactly (from the same scan)
+    and certifies without brute force."""
     rng = np.random.default_rng(11)
     q = rng.standard_normal(D)
     q /= np.linalg.norm(q)
@@ -160,17 +187,20 @@ def test_a_second_wider_look_certifies_what_the_first_could_not():
     assert result.certified.all() and not result.fell_back.any() and result.ids[0, 0] == 0
 
 
-@pytest.mark.parametrize("n, k", [(5000, 16), (5000, 39), (5000, 40), (100, 16), (128 * 20, 19)])
+@pytest.mark.parametrize("n, k", [(5000, 16), (5000, 39), (5000, 40), (100, 16), (128 * 20, 19), (130, 200)])
 def test_top_k_through_block_maxima_equals_a_full_top_k(n, k):
-    """Selection by block maxima (whole blocks, the rows past them, too few blocks) gives the values a full
-    top-k gives, and ids that hold them."""
+    """Selection by block maxima (whole blocks, a short last block, too few blocks, k > n) gives the values a
+    full top-k gives and ids that hold them, and the block maxima are those of the scores."""
     from idia_engine.indexes.bf16 import _chunk_topk
 
     g = torch.Generator().manual_seed(n + k)
     queries = torch.randn((12, 64), generator=g).to(torch.bfloat16)
     rows = torch.randn((n, 64), generator=g).to(torch.bfloat16)
-    v, ids = _chunk_topk(queries, rows, k)
-    scores = (queries @ rows.T).float()
-    full_v, _ = scores.topk(k, dim=1)
+    v, ids, block_max = _chunk_topk(queries.T, rows, k)
+    scores = (rows @ queries.T).T.float()  # the same product as the scan's (n < SUB_CHUNK: one matmul)
+    full_v, _ = scores.topk(min(k, n), dim=1)
     assert torch.equal(v, full_v)
-    assert torch.equal(scores.gather(1, ids), v) and all(len(set(r.tolist())) == k for r in ids)
+    assert torch.equal(scores.gather(1, ids), v) and all(len(set(r.tolist())) == min(k, n) for r in ids)
+    padded = torch.full((12, len(block_max) * SELECT_BLOCK), -torch.inf)
+    padded[:, :n] = scores
+    assert torch.equal(block_max.float().T, padded.view(12, -1, SELECT_BLOCK).amax(2))
