@@ -36,6 +36,8 @@ from idia_engine.engine.query.votes import paper_mode_votes
 from idia_engine.indexes import get_backend
 from idia_engine.indexes.choice import estimate_index_bytes, ivf_nlist
 from idia_engine.indexes.ensemble import TemplateEnsemble
+from idia_engine.indexes.ensemble_bf16 import DEFAULT_CANDIDATES as ENSEMBLE_BF16_CANDIDATES
+from idia_engine.indexes.ensemble_bf16 import bf16_scans_pay
 from idia_engine.indexes.exact import Exactness, exact_scores, exact_topk, max_row_norm, search_exact
 from idia_engine.indexes.gpu import faiss_gpu_count
 
@@ -56,12 +58,14 @@ METHODS: dict[str, str] = {
     "ensemble": "template-ensemble prefilter (K'=256), no fallback (approximate)",
     "ensemble-exact": "template-ensemble prefilter with brute-force fallback (exact)",
     "cells": "template-ensemble prefilter, cells settled by witnesses, batched brute force for the rest (exact)",
+    "cells-bf16": "--index ensemble-bf16: cells as above, stage 1 and the open photos through certified bf16 "
+                  "scans (exact; float32 where the CPU has no native bf16)",
     "flat-gpu": "exact FAISS flat on the GPU",
     "dense-gpu": "dense torch matmul + top-k on the GPU",
 }
 # ivf-pq is opt-in (--methods): training 64 sub-quantizers per template dominates a short CPU run.
 DEFAULT_METHODS = ("dense", "flat", "ivf-flat", "ivf-flat+rerank", "ivf-sq8", "hnsw", "bf16-exact", "ensemble",
-                   "ensemble-exact", "cells", "flat-gpu", "dense-gpu")
+                   "ensemble-exact", "cells", "cells-bf16", "flat-gpu", "dense-gpu")
 _TEMPLATE_METHODS = ("dense", "flat", "ivf-flat", "ivf-flat+rerank", "ivf-sq8", "ivf-pq", "hnsw", "bf16-exact",
                      "flat-gpu", "dense-gpu")
 _IVF_FACTORIES = {"ivf-flat": "Flat", "ivf-flat+rerank": "Flat", "ivf-sq8": "SQ8", "ivf-pq": "PQ"}
@@ -326,16 +330,21 @@ def _one_size(config: BenchConfig, n: int, progress: Callable[[str, int, int], N
                       "fell_back_fraction": float(res.fell_back.mean()),
                       "radius_max": float(ens.radius.max()), "radius_name_mean": float(ens.radius_name.mean()),
                       **_agreement(res.top1, ref, person, true)}
-    if "cells" in config.methods:
+    for m in ("cells", "cells-bf16"):
+        if m not in config.methods:
+            continue
         if ens is None:
             start = time.perf_counter()
             ens = TemplateEnsemble.build(src, n, t_count, dim)
             build_s = time.perf_counter() - start - src.seconds
-        cells = _cells(ens, gen, src, q, person, true, config.cell_candidates, use_gpu)
+        bf16 = m == "cells-bf16" and bf16_scans_pay(use_gpu)
+        cells = _cells(ens, gen, src, q, person, true, ENSEMBLE_BF16_CANDIDATES if bf16 else config.cell_candidates,
+                       use_gpu, bf16)
         top1, exact = cells.pop("top1"), cells.pop("top1_exact_mask")
-        results["cells"] = {**cells, "build_s": build_s, "index_bytes": ens.nbytes,
-                            "rss_gb_after_build": round(_rss_gb(), 3), **_agreement(top1, ref, person, true),
-                            "top1_agreement_where_exact": float((top1 == ref)[exact].mean()) if exact.any() else None}
+        results[m] = {**cells, "build_s": build_s + cells.pop("bf16_build_s"),
+                      "index_bytes": ens.nbytes + (n * t_count * dim * 2 if bf16 else 0), "bf16_scans": bf16,
+                      "rss_gb_after_build": round(_rss_gb(), 3), **_agreement(top1, ref, person, true),
+                      "top1_agreement_where_exact": float((top1 == ref)[exact].mean()) if exact.any() else None}
     del ens
     base = results.get("dense", {}).get("qps")
     for r in results.values():
@@ -349,14 +358,24 @@ def _one_size(config: BenchConfig, n: int, progress: Callable[[str, int, int], N
 
 
 def _cells(ens: TemplateEnsemble, gen: SyntheticNames, src: _TimedSource, q: np.ndarray, person: np.ndarray,
-           true: np.ndarray, candidates: int, use_gpu: bool) -> dict[str, Any]:
-    """The engine's default exact method: the ensemble's candidates (no fallback), then per template the cells
-    settled by witnesses and a batched brute force of the photos they leave open (`engine.query.cells`; its
-    products on the GPU when one is used).
+           true: np.ndarray, candidates: int, use_gpu: bool, bf16: bool) -> dict[str, Any]:
+    """The ensemble's candidates (no fallback), then per template the cells settled by witnesses and a batched
+    exact top-1 of the photos they leave open (`engine.query.cells`). bf16=False: the open photos by float32
+    brute force (its products on the GPU when one is used), stage 1 by exact flat search ("cells"). bf16=True:
+    stage 1 and the open photos through certified bf16 scans, as `--index ensemble-bf16` runs them where
+    the CPU multiplies bf16 natively ("cells-bf16"; each template's bf16 copy is made beside the timer and
+    counted as build time).
     Regenerating rows (candidate rows, and each template's rows for the brute force) is excluded from q/s."""
+    bf16_build_s = 0.0
+    stage1 = None
+    if bf16:
+        start = time.perf_counter()
+        stage1 = get_backend("bf16").create(ens.dim)
+        stage1.add(ens.means)
+        bf16_build_s += time.perf_counter() - start
     src.seconds = 0.0
     start = time.perf_counter()
-    pre = ens.search(q, src, 1, candidates=candidates, fallback=False)
+    pre = ens.search(q, src, 1, candidates=candidates, fallback=False, backend=stage1)
     search_s = time.perf_counter() - start - src.seconds
     fetch_s, gen_s = src.seconds, 0.0
     y = true[person]
@@ -367,11 +386,26 @@ def _cells(ens: TemplateEnsemble, gen: SyntheticNames, src: _TimedSource, q: np.
         start = time.perf_counter()
         rows = gen.template(t)
         gen_s += time.perf_counter() - start
+        if bf16:
+            start = time.perf_counter()
+            scan = get_backend("bf16").create(ens.dim)
+            scan.add(rows)
+            bf16_build_s += time.perf_counter() - start
+
+            def resolve(r: np.ndarray, rows: np.ndarray = rows, scan=scan) -> tuple[np.ndarray, np.ndarray]:
+                res = search_exact(scan, rows, q[r], 1, fallback=True, need=Exactness.TOP1)
+                return res.scores, res.ids
+        else:
+            norm: list[float] = []  # the rows' norm bound, measured on the first call (as the engine does)
+
+            def resolve(r: np.ndarray, rows: np.ndarray = rows, norm: list[float] = norm
+                        ) -> tuple[np.ndarray, np.ndarray]:
+                norm[:] = norm or [max_row_norm(rows)]
+                return exact_topk(rows, q[r], 1, row_norm=norm[0], use_gpu=use_gpu)
         start = time.perf_counter()
         true_scores = exact_scores(rows, q, y[:, None])[:, 0]
-        norm = max_row_norm(rows)  # once per template, for both brute-force rounds
-        dec = decide_cells(pre.scores[:, t], pre.ids[:, t], pre.certified[:, t], true_scores, person, true,
-                           lambda r, rows=rows, norm=norm: exact_topk(rows, q[r], 1, row_norm=norm, use_gpu=use_gpu))
+        dec = decide_cells(pre.scores[:, t], pre.ids[:, t], pre.certified[:, t], true_scores, person, true, resolve,
+                           one_pass=bf16)
         search_s += time.perf_counter() - start
         top1[:, t], exact[:, t] = dec.ids[:, 0], dec.top1_exact
         by_witnesses += int((dec.settled_by == BY_WITNESSES).sum())
@@ -379,7 +413,7 @@ def _cells(ens: TemplateEnsemble, gen: SyntheticNames, src: _TimedSource, q: np.
         del rows
     pairs = top1.size
     return {"qps": pairs / max(search_s, 1e-9), "search_s": search_s, "fetch_s": fetch_s,
-            "row_generation_s": gen_s, "top1": top1,
+            "row_generation_s": gen_s, "top1": top1, "bf16_build_s": bf16_build_s,
             "certified_fraction": float(pre.certified.mean()),
             "cells_settled_by_witnesses": by_witnesses / max(1, len(true) * ens.num_templates),
             "fell_back_fraction": brute / max(1, pairs), "photos_brute_forced": brute,

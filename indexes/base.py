@@ -28,7 +28,7 @@ from .errors import (
     UnknownBackendError,
     VectorFormatError,
 )
-from .exact import Exactness, search_exact
+from .exact import Exactness, brute_force_device, exact_topk, max_row_norm, search_exact
 from .vectors import Candidates, as_vectors, sort_topk
 
 __all__ = ["FILL_CHUNK", "TRAIN_SEED", "Candidates", "IndexData", "IndexFileError", "IndexKind",
@@ -64,6 +64,11 @@ class IndexData(Protocol):
 
     def vectors(self, t: int) -> np.ndarray:
         """Raw float32 rows [N, D] of template t, memory-mapped."""
+
+
+# queries float32 [m, D], k -> the exact (scores float32 [m, k'], ids int64 [m, k']) over all of a template's
+# names, ordered by sort_topk (k' = min(k, N)).
+Resolver = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,32 @@ class IndexKind(ABC):
         return list(cls.open_searchers(index, use_gpu=use_gpu))
 
     @classmethod
+    def open_resolver(cls, index: IndexData, t: int, *, use_gpu: bool) -> Resolver:
+        """Exact top-k over all of template t's names for any batch of queries: what the cells of a query
+        brute-force through (`engine/query/settle.py`). Default: `exact_topk` over the raw float32 rows, a
+        chunked GEMM (on the GPU when asked), with the rows' norm bound measured once on the first call."""
+        rows = cls.stored_rows(index, t)
+        norm: list[float] = []
+
+        def resolve(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            norm[:] = norm or [max_row_norm(rows)]
+            return exact_topk(rows, queries, k, row_norm=norm[0], use_gpu=use_gpu)
+
+        return resolve
+
+    @classmethod
+    def resolver_label(cls, *, use_gpu: bool) -> str:
+        """What `open_resolver` answers with, in a few words (for summary.json)."""
+        return "float32 brute force" + (" on the GPU" if brute_force_device(use_gpu).type == "cuda" else "")
+
+    @classmethod
+    def resolve_in_one_pass(cls, *, use_gpu: bool) -> bool:
+        """Whether cells should hand all their open photos to the resolver at once: True where a call costs
+        mostly reading the template's rows (a bf16 scan for a few hundred photos), False where it costs per
+        photo (the float32 GEMM, where resolving only what round 1 needs first saves photos)."""
+        return False
+
+    @classmethod
     def stored_rows(cls, index: IndexData, t: int) -> np.ndarray:
         """Template t's float32 rows [N, D] as the build stored them (L2-normalised; row i = name i): what its
         names are scored against. Default: the raw vectors file that kinds without exact search keep beside
@@ -145,8 +176,6 @@ class NameIndexBackend(IndexKind):
     # Candidates beyond k that `search_exact` re-ranks for approximate kinds (None: DEFAULT_EXTRA_CANDIDATES):
     # a kind whose bound is tight needs few, and each costs a float64 re-score per query.
     extra_candidates: ClassVar[int | None] = None
-    # Candidates of a second look at the queries the first could not certify, before brute force (None: none).
-    wider_candidates: ClassVar[int | None] = None
 
     @classmethod
     @abstractmethod

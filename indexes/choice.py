@@ -7,7 +7,8 @@ summary predicts, so every per-list bound stays far above the top score and the 
 nearly every query even at nprobe = nlist - 1; all of them then fall back to brute force. Codes scanned
 in full do certify (SQfp16, SQ8 with 64 candidates), because their worst-case code error is below the gap
 between the best score and the 64th. So with `exact_decisions` (the engine's paper mode) the choice is among
-exact paths, smallest first that fits the budget: flat; on a CPU then the template ensemble, whose query
+exact paths, smallest first that fits the budget: on a CPU with native bf16 and from ENSEMBLE_BF16_MIN_NAMES
+names, `ensemble-bf16` (measured faster than flat there); flat; on a CPU then the template ensemble, whose query
 settles (person, template) cells by witnesses and brute-forces open ones over the raw rows kept on disk
 (`engine/query/cells.py`; faiss's scalar-code scans are not BLAS GEMMs and ran 5-7x slower than flat on
 an AVX2 CPU); then full-scan codes. IVF is chosen only when approximate decisions are acceptable
@@ -22,6 +23,10 @@ from typing import Any
 
 from .errors import IndexSpecError
 
+# On a CPU that multiplies bf16 natively, `ensemble-bf16` (cells by witnesses, certified bf16 scans for the rest)
+# beat flat from here on (measured on a 2-core Xeon with AMX, 21 templates, D = 512: 0.44x flat at 10^4 names,
+# 1.85x at 10^5 with every person a member, its worst case; benchmarks/README.md).
+ENSEMBLE_BF16_MIN_NAMES = 50_000
 FLAT_MAX_NAMES_CPU = 200_000  # above this, CPU flat search is slow enough that IVF pays (approximate mode)
 FLAT_MAX_NAMES_GPU = 5_000_000  # GPU brute force stays fast up to a few million rows
 ID_BYTES = 8  # IVF lists store an int64 id per row
@@ -52,6 +57,12 @@ def ensemble_bytes(num_names: int, num_templates: int, dim: int) -> int:
     """Memory of the template ensemble at query time: the float32 means, the flat index over them (a copy),
     per-name radii and per-template offsets; the raw vectors stay on disk (memory-mapped, read in chunks)."""
     return 2 * num_names * dim * 4 + num_names * 8 + num_templates * (dim + 1) * 8
+
+
+def ensemble_bf16_bytes(num_names: int, num_templates: int, dim: int) -> int:
+    """Memory of `ensemble-bf16` at query time: the ensemble's, the means in bf16 for stage 1, and one template's
+    bf16 rows at a time (the float32 rows and the other templates' bf16 files stay on disk)."""
+    return ensemble_bytes(num_names, num_templates, dim) + 2 * num_names * dim * 2
 
 
 def code_bytes(codec: str, dim: int) -> int:
@@ -111,13 +122,15 @@ def _gib(n: float) -> str:
 
 
 def choose_index(num_names: int, num_templates: int, dim: int, memory_budget_bytes: int, device: str,
-                 *, exact_decisions: bool = True) -> IndexChoice:
+                 *, exact_decisions: bool = True, cpu_bf16: bool = False) -> IndexChoice:
     """The index for `num_names` names x `num_templates` templates of dimension `dim`, all templates' indexes
     fitting in `memory_budget_bytes` together, searched on `device` ("cpu" or "cuda").
 
     exact_decisions: the engine must reproduce exact arg-max decisions (certificate + fallback); only indexes
     scanned in full certify image queries (see the module docstring). False: approximate search is fine,
     IVF by memory budget for large label spaces.
+    cpu_bf16: the CPU multiplies bf16 natively (`indexes.hardware.cpu_bf16_native`); then, for exact decisions
+    on a CPU from ENSEMBLE_BF16_MIN_NAMES names on, `ensemble-bf16` comes first, as it measured faster than flat.
     Raises IndexSpecError when nothing fits the budget."""
     _check_inputs(num_names, num_templates, dim, memory_budget_bytes, device)
     n, t = num_names, num_templates
@@ -129,6 +142,13 @@ def choose_index(num_names: int, num_templates: int, dim: int, memory_budget_byt
         return total(codec, nlist) <= memory_budget_bytes
 
     budget = f"{_gib(memory_budget_bytes)} budget"
+    ens_bf16 = ensemble_bf16_bytes(n, t, dim)
+    if device == "cpu" and exact_decisions and cpu_bf16 and ens_bf16 <= memory_budget_bytes and (
+            n >= ENSEMBLE_BF16_MIN_NAMES or not fits("Flat")):
+        return IndexChoice("ensemble-bf16", {}, f"exact decisions on a CPU with native bf16, {n} names: cells settled "
+                           "by witnesses, open photos by certified bf16 scans (faster than flat from "
+                           f"{ENSEMBLE_BF16_MIN_NAMES} names); {_gib(ens_bf16)} in memory fits the {budget}",
+                           ens_bf16, registry_kind="ensemble-bf16")
     flat_max = FLAT_MAX_NAMES_GPU if device == "cuda" else FLAT_MAX_NAMES_CPU
     if (n <= flat_max or exact_decisions) and fits("Flat"):
         return IndexChoice("Flat", {}, f"{n} names x {t} templates: exact flat search fits the {budget} "

@@ -42,4 +42,4 @@ def get_backend(kind: str) -> type[IndexKind]:
 
 
 def _load_builtin_backends() -> None:
-    from . import bf16, dense, ensemble, faiss_backend, flat  # noqa: F401 - importing registers them
+    from . import bf16, dense, ensemble, ensemble_bf16, faiss_backend, flat  # noqa: F401 - importing registers them

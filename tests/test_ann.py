@@ -575,6 +575,23 @@ def test_choose_index_table(names, templates, dim, budget, device, exact, factor
     get_backend(choice.kind)  # the factory string is valid
 
 
+@pytest.mark.parametrize(("names", "budget", "cpu_bf16", "device", "kind"), [
+    (10_000, 8 * GIB, True, "cpu", "flat"),  # small: flat is faster even with native bf16
+    (49_999, 8 * GIB, True, "cpu", "flat"),
+    (50_000, 8 * GIB, True, "cpu", "ensemble-bf16"),  # from the threshold on: cells + certified bf16 scans
+    (100_000, 8 * GIB, False, "cpu", "flat"),  # no native bf16: its scans would be emulated, slower than float32
+    (100_000, 8 * GIB, True, "cuda", "flat"),  # a GPU: flat there (the bf16 bound is derived for the CPU's kernel)
+    (1_000_000, 30 * GIB, True, "cpu", "ensemble-bf16"),
+    (1_000_000, 30 * GIB, False, "cpu", "ensemble"),
+    (30_000, 1 * GIB, True, "cpu", "ensemble-bf16"),  # flat over budget below the threshold: still bf16 first
+])
+def test_choose_index_by_cpu_features(names, budget, cpu_bf16, device, kind):
+    choice = choose_index(names, 21, 512, budget, device, cpu_bf16=cpu_bf16)
+    assert (choice.kind if choice.registry_kind else choice.factory.lower()) == kind, choice.reason
+    assert choice.bytes_total <= budget
+    get_backend(choice.kind)
+
+
 def test_choose_index_rejects_what_cannot_fit_and_bad_inputs():
     with pytest.raises(IndexSpecError, match="exact decisions"):
         choose_index(1_000_000, 21, 512, 2 * GIB, "cpu")

@@ -89,7 +89,7 @@ def test_a_build_for_other_inputs_does_not_resume_a_foreign_one(tiny_model, tiny
     assert not any(p.name.startswith(".build-") for p in (tmp_path / "idx").iterdir())
 
 
-@pytest.mark.parametrize("kind", ["IVF8,Flat", "IVF8,SQ8", "HNSW16,Flat", "SQ8", "ensemble", "bf16"])
+@pytest.mark.parametrize("kind", ["IVF8,Flat", "IVF8,SQ8", "HNSW16,Flat", "SQ8", "ensemble", "bf16", "ensemble-bf16"])
 def test_approximate_kinds_give_the_exact_decisions(kind, tiny_model, tiny_spec, many_names, world, tmp_path):
     """Per prediction (--no-cells): every top-1 is exact, and the report equals flat's."""
     names_file, names = many_names
@@ -108,7 +108,7 @@ def test_approximate_kinds_give_the_exact_decisions(kind, tiny_model, tiny_spec,
     np.testing.assert_allclose(exact.topk_scores[:, :, 0], approx.topk_scores[:, :, 0], atol=1e-6)
     assert (tmp_path / "r-flat" / "persons.csv").read_text() == (tmp_path / f"r-{kind}" / "persons.csv").read_text()
     search = reports[kind].summary["search"]
-    assert search["index_kind"] == (kind if kind in ("ensemble", "bf16") else f"faiss:{kind}")
+    assert search["index_kind"] == (kind if kind in ("ensemble", "bf16", "ensemble-bf16") else f"faiss:{kind}")
     assert search["certified"] + search["fell_back"] == search["predictions"] > 0
     assert search["exact_decisions"] is True
     assert reports["flat"].summary["search"]["exact_by_index"] == reports["flat"].summary["search"]["predictions"]
@@ -119,7 +119,7 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("kind", ["IVF8,Flat", "ensemble", "bf16"])
+@pytest.mark.parametrize("kind", ["IVF8,Flat", "ensemble", "bf16", "ensemble-bf16"])
 def test_cells_give_the_exact_scores_and_decisions(kind, tiny_model, tiny_spec, many_names, world, tmp_path):
     """Cells (the default for approximate kinds): scores, hits and decisions equal flat's; top-1s and vote
     counts where the report says they are exact; the true name of a person missing from the index is

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from idia_engine.indexes import IndexKind, backend_kinds, choose_index, get_backend, vectors_file
+from idia_engine.indexes.hardware import cpu_bf16_native
 
 from ..candidates.identity import NameTokens, TokenTwin
 from ..candidates.names_file import NameList, read_names
@@ -119,7 +120,8 @@ def resolve_index_kind(kind: str, num_names: int, num_templates: int, dim: int, 
     "dense", "ensemble", ...), or any faiss factory string ("IVF4096,SQ8", "HNSW32,Flat", ...)."""
     kind = kind.strip()
     if kind == "auto":
-        choice = choose_index(num_names, num_templates, dim, memory_budget_bytes, device)
+        choice = choose_index(num_names, num_templates, dim, memory_budget_bytes, device,
+                              cpu_bf16=cpu_bf16_native())
         if choice.factory == "Flat" and not choice.gpu_float16 and not choice.registry_kind:
             return "flat", {}, choice.reason
         return choice.kind, dict(choice.search_params), choice.reason

@@ -18,7 +18,8 @@ With W known votes for y, K the most known votes of any single other name, X wit
   (widest margin first) that the cell becomes a certified hit if they all confirm y:
   a = min(U, floor((K + X + U - W) / 2) + 1). Round 2 brute-forces every photo still not known in the cells
   still open, which then are fully known. So each template's rows are scanned at most twice, for only the
-  photos that cells need.
+  photos that cells need. With `one_pass`, round 1 takes every photo of the open cells at once (one scan;
+  for resolvers whose cost is reading the rows rather than a cost per photo).
 
 What is reported. Scores and decisions are those of the exact dense computation. Per photo and template,
 `status` says what its top-1 is: exact (KNOWN) or only certified not to change the cell's outcome
@@ -121,13 +122,16 @@ def _count(ids: np.ndarray, known: np.ndarray, person: np.ndarray, y: np.ndarray
 
 
 def decide_cells(scores: np.ndarray, ids: np.ndarray, certified: np.ndarray, true_scores: np.ndarray,
-                 person: np.ndarray, true_ids: np.ndarray, resolve: Resolver) -> CellDecision:
+                 person: np.ndarray, true_ids: np.ndarray, resolve: Resolver, *, one_pass: bool = False
+                 ) -> CellDecision:
     """Settle every person's cell of one template, brute-forcing only what witnesses leave open.
 
     scores/ids: float32/int64 [M, k] each photo's candidates with exact scores, ordered by sort_topk (k >= 1).
     certified: bool [M] the candidates' top-1 is proved exact. true_scores: float32 [M] the exact score of
     each photo's true name. person: int [M] 0..P-1. true_ids: int [P]. resolve(rows) -> exact (scores, ids)
-    [len(rows), k] over all names, for those photo rows (one batched brute-force pass per call)."""
+    [len(rows), k] over all names, for those photo rows (one batched brute-force pass per call).
+    one_pass: resolve every photo of the open cells in round 1 (one call, no round 2): for a resolver whose
+    cost is mostly reading the rows (a bf16 scan for few photos), not a cost per photo."""
     person = np.asarray(person, np.int64)
     true_ids = np.asarray(true_ids, np.int64)
     n_persons = len(true_ids)
@@ -144,7 +148,7 @@ def decide_cells(scores: np.ndarray, ids: np.ndarray, certified: np.ndarray, tru
             break
         settled_by[open_] = round_
         pending = open_[person] & ~np.isin(status, EXACT_STATUSES)
-        if round_ == BY_ROUND_1:
+        if round_ == BY_ROUND_1 and not one_pass:
             pending &= status == TRUE_UNRESOLVED
             need = np.minimum(counts.maybe, (counts.known_other + counts.witnessed + counts.maybe
                                              - counts.known_true) // 2 + 1)
