@@ -136,7 +136,7 @@ def build_index_cmd(
         "auto", "--index",
         help="auto (chosen from names x templates x dim, --memory-budget and the device), flat (exact FAISS), "
              "dense (torch, the paper's baseline), bf16 (a bfloat16 full scan with a proved error bound, for CPUs "
-             "with AMX / AVX-512 BF16), or any faiss factory string (IVF4096,SQ8, HNSW32,Flat, SQ8, ...): "
+             "with AMX / AVX-512 BF16), ensemble-bf16 (cells by witnesses, open photos by certified bf16 scans; auto's choice on such CPUs from 50,000 names), or any faiss factory string (IVF4096,SQ8, HNSW32,Flat, SQ8, ...): "
              "approximate indexes are re-ranked exactly and certified at query time."),
     memory_budget: float = typer.Option(8.0, "--memory-budget", help="GiB all templates' indexes may take (for --index auto)."),
     device: DeviceChoice = DeviceOpt,
