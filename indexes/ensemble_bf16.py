@@ -11,8 +11,8 @@ runs in three steps, each exact or certified:
 2. Cells: per (person, template), witnesses settle most cells of people the model does not know without any
    scan (`engine/query/cells.py`).
 3. Resolver: the photos that open cells need get their exact top-k from a bf16 scan of the template, its
-   candidates re-scored exactly against the float32 rows and certified by the bf16 bound (a second look with
-   more candidates, then float32 brute force, for the few it cannot certify). With cells off (`--no-cells`)
+   candidates re-scored exactly against the float32 rows and certified by the bf16 bound (a second look at the
+   scan's blocks, then float32 brute force, for the few it cannot certify). With cells off (`--no-cells`)
    the same resolver answers every (photo, template) the prefilter cannot certify.
 
 Scores and decisions are those of the exact dense computation either way. Where the bf16 scans pay depends

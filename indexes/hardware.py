@@ -41,17 +41,3 @@ def cpu_bf16_native() -> bool:
     if platform.machine().lower() in ("arm64", "aarch64"):
         return "bf16" in cpu_flags()  # Armv8.6 BF16 (Linux lists it as "bf16")
     return any(f in cpu_flags() for f in BF16_FLAGS)
-
-
-def cpu_description() -> str:
-    """One line for logs and reports: the CPU model, its cores, and whether it multiplies bf16 natively."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    native = "native bf16" if cpu_bf16_native() else "no native bf16"
-    return f"{model} ({os.cpu_count()} logical CPUs, {native})"
