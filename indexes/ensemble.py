@@ -44,7 +44,7 @@ from .base import (
 )
 from .bounds import REL_INFLATE, gamma
 from .errors import IndexFileError, VectorFormatError
-from .exact import Exactness, ExactSearchResult, backend_candidates, exact_topk
+from .exact import Exactness, ExactSearchResult, backend_candidates, exact_dot, exact_topk
 from .flat import FlatIPBackend
 from .registry import register_backend
 from .vectors import Candidates, as_vectors, sort_topk
@@ -144,7 +144,7 @@ def _rerank(rows: np.ndarray, inv: np.ndarray, valid: np.ndarray, cid: np.ndarra
     sel = np.argpartition(-s32, m - 1, axis=1)[:, :m] if m < kc else np.broadcast_to(np.arange(kc), (nq, kc))
     sel_rows = np.take_along_axis(inv, sel, 1)
     sel_valid = np.take_along_axis(valid, sel, 1)
-    exact = np.einsum("qmd,qd->qm", rows32[sel_rows].astype(np.float64), q64).astype(np.float32)
+    exact = exact_dot(rows32[sel_rows], q64[:, None, :])
     exact[~sel_valid] = -np.inf
     ss, si = sort_topk(exact, np.where(sel_valid, np.take_along_axis(cid, sel, 1), -1))
     if m < kc:
@@ -154,7 +154,7 @@ def _rerank(rows: np.ndarray, inv: np.ndarray, valid: np.ndarray, cid: np.ndarra
         reach = rest.max(axis=1).astype(np.float64) + gamma(d) * qn * row_norm + 1e-6
         redo = np.flatnonzero(~(reach < ss[:, k - 1]))
         for r in redo:  # rare: a left-out candidate might still matter; score all of this query's exactly
-            e = (rows32[inv[r]].astype(np.float64) @ q64[r]).astype(np.float32)
+            e = exact_dot(rows32[inv[r]], q64[r])
             e[~valid[r]] = -np.inf
             a, b = sort_topk(e[None], np.where(valid[r], cid[r], -1)[None])
             ss[r], si[r] = a[0, :m], b[0, :m]

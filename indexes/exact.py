@@ -1,10 +1,14 @@
 """Exact decisions from approximate indexes: candidates, exact re-rank, certificate, brute-force fallback.
 
-The exact score. For a query q and a name row x (both float32) the engine's exact score is
-float32(q.x evaluated in float64): every product of two float32 numbers is exact in float64 and the sum of
-D of them is off by ~D 2^-53 relatively, far below float32 resolution, so the value does not depend on how
-or where it was computed (re-rank, brute force, any batch). Rankings order rows by that float32 value,
-descending, ties to the lower id (`indexes.base.sort_topk`), the engine's one arg-max convention.
+The exact score. For a query q and a name row x (both float32) the engine's exact score is `exact_dot`:
+every product of two float32 numbers is exact in float64, the D products are summed in float64 in one fixed
+order (numpy's pairwise summation along a contiguous row, which depends only on D), and the sum is rounded
+once to float32. Its error before that rounding is ~D 2^-53 relatively, far below float32 resolution, but
+"far below" is not "never": a sum within that of a float32 rounding boundary could round either way under
+another order. So every path that scores a (query, name) pair exactly (re-rank, brute force, the ensemble's
+stage 2, the true name of a cell, names added for a run) calls `exact_dot`, and the same pair gets the same
+float32 score in any batch. Rankings order rows by that value, descending, ties to the lower id
+(`indexes.base.sort_topk`), the engine's one arg-max convention.
 
 `search_exact(backend, vectors, queries, k, params)`, per template:
   (a) candidates: the backend's approximate top-k' (k' = k + DEFAULT_EXTRA_CANDIDATES unless given) with a
@@ -98,26 +102,45 @@ def _check_rows(vectors: Any, dim: int, ntotal: int | None = None) -> np.ndarray
     return vectors
 
 
-def _pair_scores(vectors: np.ndarray, q64: np.ndarray, qi: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """float64 q[qi[p]] . vectors[ids[p]] for every pair p: exact products, one fixed summation per pair."""
-    out = np.empty(len(ids), np.float64)
+def exact_dot(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """The engine's exact score (module docstring): float32 [...] of rows float32 [..., D] against queries
+    [..., D] (float32 or their float64 copies) broadcast against them. The products are formed in a float64
+    copy of the rows and reduced along the last axis, a contiguous row each: numpy sums each such row
+    pairwise in an order fixed by D alone, whatever the batch around it."""
+    rows, queries = np.asarray(rows), np.asarray(queries)
+    p = np.empty(np.broadcast_shapes(rows.shape, queries.shape), np.float64)
+    p[...] = rows
+    np.multiply(p, queries, out=p)
+    return p.sum(axis=-1).astype(np.float32)
+
+
+def _pair_scores(vectors: np.ndarray, queries: np.ndarray, qi: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """float32 exact_dot(vectors[ids[p]], queries[qi[p]]) for every pair p, gathered in blocks of bounded
+    memory."""
+    out = np.empty(len(ids), np.float32)
     step = max(1, _PAIR_BLOCK // max(1, vectors.shape[1]))
     for lo in range(0, len(ids), step):
-        uniq, inv = np.unique(ids[lo:lo + step], return_inverse=True)
-        rows = np.asarray(vectors[uniq], dtype=np.float64)  # sorted ids: sequential reads from a memmap
-        out[lo:lo + step] = (rows[inv.ravel()] * q64[qi[lo:lo + step]]).sum(axis=1)
+        out[lo:lo + step] = exact_dot(vectors[ids[lo:lo + step]], queries[qi[lo:lo + step]])
     return out
 
 
 def exact_scores(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Exact scores float32 [Q, m] of queries [Q, D] against rows ids [Q, m] (-1 -> -inf)."""
     rows = _check_rows(vectors, np.shape(queries)[1])
-    q64 = as_vectors(queries, rows.shape[1], what="queries").astype(np.float64)
+    q = as_vectors(queries, rows.shape[1], what="queries")
     ids = np.asarray(ids, np.int64)
+    if ids.ndim == 2 and ids.size and (ids >= 0).all():  # the usual case: a full [Q, m]; no gather of queries
+        nq, m = ids.shape
+        out = np.empty(ids.shape, np.float32)
+        step = max(1, _PAIR_BLOCK // max(1, m * rows.shape[1]))
+        for lo in range(0, nq, step):
+            x = rows[ids[lo:lo + step].ravel()].reshape(-1, m, rows.shape[1])
+            out[lo:lo + step] = exact_dot(x, q[lo:lo + step, None, :])
+        return out
     out = np.full(ids.shape, -np.inf, np.float32)
     qi, col = np.nonzero(ids >= 0)
     if len(qi):
-        out[qi, col] = _pair_scores(rows, q64, qi, ids[qi, col]).astype(np.float32)
+        out[qi, col] = _pair_scores(rows, q, qi, ids[qi, col])
     return out
 
 
@@ -145,7 +168,7 @@ def _exact_topk_block(rows: np.ndarray, q: np.ndarray, k: int, chunk_rows: int |
     out_i = np.empty((len(q), k), np.int64)
     todo, extra = np.arange(len(q)), _FILTER_EXTRA
     while len(todo):
-        s, i, safe = _filter_pass(rows, q[todo], q64[todo], qn[todo], k, k + extra, step, row_norm, device)
+        s, i, safe = _filter_pass(rows, q[todo], qn[todo], k, k + extra, step, row_norm, device)
         out_s[todo[safe]], out_i[todo[safe]] = s, i
         todo, extra = todo[~safe], extra * 8
     return out_s, out_i
@@ -177,7 +200,7 @@ def brute_force_device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def _filter_pass(rows: np.ndarray, q: np.ndarray, q64: np.ndarray, qn: np.ndarray, k: int, per_chunk: int,
+def _filter_pass(rows: np.ndarray, q: np.ndarray, qn: np.ndarray, k: int, per_chunk: int,
                  step: int, row_norm: float | None, device: torch.device
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One pass of `_exact_topk_block`: (scores, ids) of the settled queries and the mask of settled ones."""
@@ -204,7 +227,7 @@ def _filter_pass(rows: np.ndarray, q: np.ndarray, q64: np.ndarray, qn: np.ndarra
     keep = ((s + delta) >= thr[:, None]) & safe[:, None]
     qi, col = np.nonzero(keep)
     ii = ids[qi, col]
-    s32 = _pair_scores(rows, q64, qi, ii).astype(np.float32)
+    s32 = _pair_scores(rows, q, qi, ii)
     order = np.lexsort((ii, -s32, qi))
     qi, ii, s32 = qi[order], ii[order], s32[order]
     rank = np.arange(len(qi)) - np.searchsorted(qi, np.arange(len(q)))[qi]

@@ -619,3 +619,46 @@ def test_exact_topk_with_a_given_row_norm_bound_is_the_same_answer():
     a = exact_topk(rows, q, 3, chunk_rows=700)
     b = exact_topk(rows, q, 3, chunk_rows=700, row_norm=norm)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def _order_sensitive_pair(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A float32 row and query whose float64 products, M = (1 + 2^-12)^2 (a float32 rounding midpoint) and
+    three of 2^-54, round to different float32 scores under different summation orders: added one by one,
+    each 2^-54 vanishes (below half an ulp of M) and float32 ties to even, down; added together first, they
+    carry M past the midpoint, up. At positions 0 and 4-6, numpy's pairwise sum rounds up while its einsum
+    and BLAS round down (measured), so a path scoring pairs its own way would disagree."""
+    x = np.zeros(dim, np.float32)
+    x[0], x[4:7] = 1 + 2.0 ** -12, 2.0 ** -27
+    return x, x.copy()
+
+
+def test_every_exact_path_gives_a_pair_the_same_score():
+    """The engine's exact score is one function (`exact_dot`), so a pair whose float64 sum sits on a float32
+    rounding boundary gets the same float32 score from the re-rank, the pair path, brute force, the
+    ensemble's stage 2 and names added for a run, in any batch."""
+    from idia_engine.engine.query.search import merge_extra
+    from idia_engine.indexes.ensemble import TemplateEnsemble
+    from idia_engine.indexes.exact import exact_dot
+
+    dim, n = 16, 40
+    x, q = _order_sensitive_pair(dim)
+    a = np.float64(x[0]) * np.float64(q[0])
+    small = np.float64(x[4]) * np.float64(q[4])
+    assert np.float32((a + small) + small + small) != np.float32(a + (small + small + small))  # order matters
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal((n, dim)).astype(np.float32) * 0.1 for _ in range(2)]
+    for r in rows:
+        r[7] = x
+    queries = np.stack([q, rng.standard_normal(dim).astype(np.float32) * 0.1])
+    one = exact_dot(x, q)
+    assert exact_dot(np.stack([x] * 5)[1:4], q).tolist() == [one] * 3
+    assert exact_scores(rows[0], queries, np.array([[7, 0], [1, 2]]))[0, 0] == one
+    assert exact_scores(rows[0], queries, np.array([[7, -1], [1, 2]]))[0, 0] == one
+    s, i = exact_topk(rows[0], queries[:1], 1)
+    assert (i[0, 0], s[0, 0]) == (7, one)
+    ens = TemplateEnsemble.build(rows, n, 2, dim)
+    res = ens.search(queries, rows, 3, candidates=n, fallback=False)
+    assert res.ids[0, 0, 0] == 7 and res.scores[0, :, 0].tolist() == [one, one]
+    s, i = merge_extra(n, 1, queries[:1], np.full((1, 1), -np.inf, np.float32), np.full((1, 1), -1),
+                       np.stack(rows)[:, 7:8], 1)
+    assert (i[0, 0], s[0, 0]) == (n, one)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 from idia_engine.indexes import sort_topk
+from idia_engine.indexes.exact import exact_dot
 
 from ..disk.faults import fault_point
 from ..index.reader import NameIndex
@@ -112,7 +113,7 @@ def merge_extra(n_index: int, t: int, queries: np.ndarray, scores: np.ndarray, i
     into the top-k."""
     if extra_emb is None:
         return scores, ids
-    extra_scores = (queries.astype(np.float64) @ extra_emb[t].T.astype(np.float64)).astype(np.float32)
+    extra_scores = exact_dot(extra_emb[t][None, :, :], np.asarray(queries, np.float32)[:, None, :])
     extra_ids = np.broadcast_to(np.arange(n_index, n_index + extra_emb.shape[1]), extra_scores.shape)
     scores, ids = sort_topk(np.concatenate([scores, extra_scores], 1), np.concatenate([ids, extra_ids], 1))
     return scores[:, :k], ids[:, :k]

@@ -11,7 +11,7 @@ computation; `predictions/top1_status.npy` says which top-1s are exact.
 from __future__ import annotations
 
 import numpy as np
-from idia_engine.indexes.exact import exact_scores
+from idia_engine.indexes.exact import exact_dot, exact_scores
 
 from ..disk.faults import fault_point
 from ..progress import Progress
@@ -40,8 +40,7 @@ def settle_cells(job: SearchJob, person: np.ndarray, true_ids: np.ndarray, ids_o
         true_scores = np.empty(len(q), np.float32)
         true_scores[in_index] = exact_scores(rows, q[in_index], y[in_index, None])[:, 0]
         if not in_index.all():  # a true name added for this run: scored exactly beside the index
-            extra = job.extra_emb[t][y[~in_index] - n_index].astype(np.float64)
-            true_scores[~in_index] = np.einsum("md,md->m", q[~in_index].astype(np.float64), extra)
+            true_scores[~in_index] = exact_dot(job.extra_emb[t][y[~in_index] - n_index], q[~in_index])
 
         exact = index.kind.open_resolver(index, t, use_gpu=job.use_gpu)  # the kind's fastest exact top-k
 
