@@ -3,7 +3,7 @@
 `--index bf16` keeps each template's rows rounded to bfloat16 (half of float32's bytes) and scans them with
 torch's bf16 matmul, which CPUs with AMX or AVX-512 BF16 run several times faster than a float32 scan
 (on a 2-core Xeon with AMX: 38 ms against 136 ms for 300 queries x 10^5 x 512). It is an approximate kind:
-its top-k' are candidates, re-scored exactly against the raw float32 rows kept beside it, and the top-1 is
+its top-k' are candidates, re-ranked exactly against the raw float32 rows kept beside it, and the top-1 is
 certified by a bound on every row it left out (`indexes.exact`); what the bound cannot certify is answered
 by brute force, so answers are exact either way.
 
@@ -35,7 +35,7 @@ import torch
 from .base import NameIndexBackend
 from .bounds import gamma
 from .errors import VectorFormatError
-from .exact import Exactness, ExactSearchResult, exact_scores, exact_topk
+from .exact import Exactness, ExactSearchResult, exact_topk, exact_topk_among
 from .registry import register_backend
 from .vectors import Candidates, as_vectors, empty_topk, reject_search_params, sort_topk
 
@@ -211,7 +211,7 @@ class BF16ScanBackend(NameIndexBackend):
         """Exact top-k over the template's float32 rows `vectors` from one bf16 scan (`indexes.exact.search_exact`
         hands this kind's searches here).
 
-        1. The scan's top k + extra_candidates are re-scored exactly; a query is certified when its needed
+        1. The scan's top k + extra_candidates are re-ranked exactly (`exact_topk_among`); a query is certified when its needed
            exact score (top-1, or the k-th for TOPK) beats the bound of the last candidate's bf16 score.
         2. Second look, from the same scan: every row outside the candidates lies in a block whose bf16 max
            bounds it, so for a query not certified the blocks whose bound reaches its needed score are scored
@@ -223,8 +223,7 @@ class BF16ScanBackend(NameIndexBackend):
         n = self.ntotal
         kc = min(n, k + (self.extra_candidates or 0))
         v, cand, maxima = self._scan(q, kc)
-        scores, ids = sort_topk(exact_scores(vectors, q, cand), cand)
-        scores, ids = scores[:, :k].copy(), ids[:, :k].copy()
+        scores, ids = exact_topk_among(vectors, q, cand, k)
         bound = np.full(len(q), -np.inf) if kc >= n else self.upper_bound(q, v[:, kc - 1])
         col = 0 if need is Exactness.TOP1 else k - 1
         with np.errstate(over="ignore"):
@@ -239,7 +238,7 @@ class BF16ScanBackend(NameIndexBackend):
                     continue
                 extra = (np.flatnonzero(look)[:, None] * SELECT_BLOCK + np.arange(SELECT_BLOCK)).ravel()
                 pool = np.union1d(cand[qi], extra[extra < n])
-                s, i = sort_topk(exact_scores(vectors, q[qi:qi + 1], pool[None]), pool[None])
+                s, i = exact_topk_among(vectors, q[qi:qi + 1], pool[None], k)
                 scores[qi], ids[qi] = s[0, :k], i[0, :k]
                 bound[qi] = reach[~look, j].max(initial=-np.inf)
         with np.errstate(over="ignore"):

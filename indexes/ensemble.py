@@ -7,8 +7,8 @@ radius). For a query q:
   stage 1: candidates = the top-K' names by q.m_i (exact flat search over the N means by default, or any
            backend over the means via `indexes.exact.backend_candidates`, which also returns `bound`, an upper
            bound on q.m_i for every name left out);
-  stage 2: per template t, exact scores q.x_{t,i} of the candidates (the engine's exact score, see
-           `indexes.exact`), ordered by `sort_topk`;
+  stage 2: per template t, the exact top-k among the candidates (the engine's exact score, see
+           `indexes.exact`; a float32 screen with a rigorous margin first), ordered by `sort_topk`;
   certificate: a left-out name has q.x_{t,i} <= bound + q.g_t + ||q|| eps_t, so the candidates' top-1 is the
            exact arg-max over all names when it is strictly above float32 of that (plus slack);
   fallback: uncertified (query, template) pairs are answered by `exact_topk` over the template's rows, or,
@@ -42,12 +42,12 @@ from .base import (
     TemplateSearcher,
     TemplateSearchResult,
 )
-from .bounds import REL_INFLATE, gamma
+from .bounds import REL_INFLATE
 from .errors import IndexFileError, VectorFormatError
-from .exact import Exactness, ExactSearchResult, backend_candidates, exact_dot, exact_topk
+from .exact import Exactness, ExactSearchResult, backend_candidates, exact_topk, exact_topk_among
 from .flat import FlatIPBackend
 from .registry import register_backend
-from .vectors import Candidates, as_vectors, sort_topk
+from .vectors import Candidates, as_vectors
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ SCHEMA_VERSION = 1
 DEFAULT_CANDIDATES = 256  # K': names re-ranked per query (stage 2 costs K' x T rows per query)
 ENSEMBLE_DIR = "ensemble"  # the ensemble's folder in a build directory
 _BUILD_BLOCK = 1 << 24  # float32 elements of rows (all templates of a block of names) read at once (64 MiB)
-_PAIR_BLOCK = 1 << 23  # float64 elements gathered at once by the stage-2 re-rank (64 MiB)
 
 RowFn = Callable[[int, np.ndarray], np.ndarray]
 RowSource = Sequence[np.ndarray] | RowFn
@@ -120,45 +119,15 @@ class EnsembleSearchResult:
                 "fell_back_fraction": frac(self.fell_back)}
 
 
-_REFINE_EXTRA = 15  # candidates re-scored in float64 beyond k, after the float32 screen
-
-
-def _rerank(rows: np.ndarray, inv: np.ndarray, valid: np.ndarray, cid: np.ndarray, q: np.ndarray, q64: np.ndarray,
-            qn: np.ndarray, k: int, qstep: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stage 2 for one template: the exact top-k among each query's candidates, ordered by sort_topk.
-
-    Screen in float32 (half the memory traffic of float64), then score exactly (float64, rounded to float32:
-    the engine's exact score) the best k + _REFINE_EXTRA of each query. A float32 dot product of D terms is
-    within gamma_D = D 2^-24 / (1 - D 2^-24) of the true one, relative to sum |q_d x_d| <= |q| |x|; so a
-    candidate left out of the refinement cannot reach the exact k-th score when its float32 score plus that
-    error (plus a margin above float32 rounding) is below it. Queries where that fails are re-scored in
-    float64 over all their candidates."""
-    nq, kc = cid.shape
-    d = rows.shape[1]
-    s32 = np.empty((nq, kc), np.float32)
-    rows32 = np.ascontiguousarray(rows, dtype=np.float32)
-    for lo in range(0, nq, qstep):
-        s32[lo:lo + qstep] = np.matmul(rows32[inv[lo:lo + qstep]], q[lo:lo + qstep, :, None])[..., 0]
-    s32[~valid] = -np.inf
-    m = min(kc, k + _REFINE_EXTRA)
-    sel = np.argpartition(-s32, m - 1, axis=1)[:, :m] if m < kc else np.broadcast_to(np.arange(kc), (nq, kc))
-    sel_rows = np.take_along_axis(inv, sel, 1)
-    sel_valid = np.take_along_axis(valid, sel, 1)
-    exact = exact_dot(rows32[sel_rows], q64[:, None, :])
-    exact[~sel_valid] = -np.inf
-    ss, si = sort_topk(exact, np.where(sel_valid, np.take_along_axis(cid, sel, 1), -1))
-    if m < kc:
-        rest = s32.copy()
-        np.put_along_axis(rest, sel, -np.inf, 1)
-        row_norm = float(np.sqrt((rows32.astype(np.float64) ** 2).sum(1).max())) if len(rows32) else 1.0
-        reach = rest.max(axis=1).astype(np.float64) + gamma(d) * qn * row_norm + 1e-6
-        redo = np.flatnonzero(~(reach < ss[:, k - 1]))
-        for r in redo:  # rare: a left-out candidate might still matter; score all of this query's exactly
-            e = exact_dot(rows32[inv[r]], q64[r])
-            e[~valid[r]] = -np.inf
-            a, b = sort_topk(e[None], np.where(valid[r], cid[r], -1)[None])
-            ss[r], si[r] = a[0, :m], b[0, :m]
-    return ss, si
+def _rerank(rows: np.ndarray, uniq: np.ndarray, inv: np.ndarray, valid: np.ndarray, q: np.ndarray, k: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2 for one template: the exact top-k among each query's candidates, ordered by sort_topk, from
+    the union of their rows fetched once (`rows`, row j = name uniq[j]; query i's candidates are
+    rows inv[i] where valid[i]). `exact_topk_among` screens them in float32 with a rigorous margin and scores
+    exactly only those that can still reach the k-th place. uniq is sorted, so ties between local rows fall
+    to the lower name id, as over the names themselves."""
+    scores, local = exact_topk_among(rows, q, np.where(valid, inv, -1), k)
+    return scores, np.where(local >= 0, uniq[np.maximum(local, 0)], -1)
 
 
 class TemplateEnsemble:
@@ -328,15 +297,12 @@ class TemplateEnsemble:
         bound = self.template_bounds(q, cand.bound)[:, t_list]
         with np.errstate(over="ignore"):
             bound32 = bound.astype(np.float32)
-        q64 = q.astype(np.float64)
-        qn = np.sqrt(np.einsum("ij,ij->i", q64, q64))
-        # Stage 2 per template: gather the union of candidate rows once, exact float64 products per pair.
+        # Stage 2 per template: gather the union of candidate rows once, then the exact top-k among them.
         uniq, inv = np.unique(np.where(valid, cid, cid.max(initial=0)), return_inverse=True)
         inv = inv.reshape(cid.shape)
-        qstep = max(1, _PAIR_BLOCK // max(1, kc * self.dim))
         for j, t in enumerate(t_list):
             rows = _fetch(source, t, uniq, self.dim)
-            ss, si = _rerank(rows, inv, valid, cid, q, q64, qn, k, qstep)
+            ss, si = _rerank(rows, uniq, inv, valid, q, k)
             scores[:, j], ids[:, j] = ss[:, :k], si[:, :k]
             certified[:, j] = valid.any(axis=1) & (ss[:, 0] > bound32[:, j])
             if fallback and not certified[:, j].all():

@@ -148,9 +148,11 @@ def test_bad_inputs(clip_like):
 
 
 def test_float32_screen_then_float64_refine_equals_a_float64_rerank():
-    """Stage 2 screens in float32; near-ties within float32 error must still come out as float64 ranks them."""
+    """Stage 2 screens in float32; near-ties within float32 error must still come out as the engine's exact
+    score (`exact_dot` of every candidate, sorted) ranks them, -1 candidates and k beyond them included."""
     from idia_engine.indexes.base import sort_topk
     from idia_engine.indexes.ensemble import _rerank
+    from idia_engine.indexes.exact import exact_dot
 
     rng = np.random.default_rng(7)
     d, u, nq, kc = 64, 400, 50, 120
@@ -161,13 +163,15 @@ def test_float32_screen_then_float64_refine_equals_a_float64_rerank():
     q = rng.standard_normal((nq, d))
     q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
     inv = np.stack([rng.choice(u, kc, replace=False) for _ in range(nq)])
-    cid = inv.astype(np.int64) * 3  # candidate ids need not equal row positions
+    uniq = np.arange(u, dtype=np.int64) * 3  # candidate ids need not equal row positions
+    cid = uniq[inv]
     valid = np.ones_like(inv, bool)
     valid[:, -5:] = False
+    valid[0, 3:] = False  # a query with 3 candidates: k = 5 leaves -inf / -1 at the end
     for k in (1, 5):
-        ss, si = _rerank(rows, inv, valid, cid, q, q.astype(np.float64),
-                         np.linalg.norm(q.astype(np.float64), axis=1), k, qstep=16)
-        full = np.einsum("qkd,qd->qk", rows[inv].astype(np.float64), q.astype(np.float64)).astype(np.float32)
+        ss, si = _rerank(rows, uniq, inv, valid, q, k)
+        full = exact_dot(rows[inv], q[:, None, :])
         full[~valid] = -np.inf
         ref_s, ref_i = sort_topk(full, np.where(valid, cid, -1))
+        ref_i[~np.isfinite(ref_s)] = -1
         assert np.array_equal(si[:, :k], ref_i[:, :k]) and np.array_equal(ss[:, :k], ref_s[:, :k])
