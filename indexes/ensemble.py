@@ -338,14 +338,15 @@ class EnsembleIndex(IndexKind):
     @classmethod
     def open_searchers(cls, index: IndexData, *, use_gpu: bool) -> Iterator[TemplateSearcher]:
         """One searcher over all templates (stage 1 is shared by them)."""
-        yield _EnsembleSearcher(TemplateEnsemble.load(index.data_dir / ENSEMBLE_DIR),
-                                tuple(index.vectors(t) for t in range(index.num_templates)))
+        yield EnsembleSearcher(TemplateEnsemble.load(index.data_dir / ENSEMBLE_DIR),
+                               tuple(index.vectors(t) for t in range(index.num_templates)))
 
 
 @dataclass(frozen=True)
-class _EnsembleSearcher:
-    """All templates at once through the ensemble; params: {"candidates": K'} (default DEFAULT_CANDIDATES)."""
+class EnsembleSearcher:
+    """All templates at once through the ensemble; params: {"candidates": K'} (default `default_candidates`)."""
 
+    default_candidates: ClassVar[int] = DEFAULT_CANDIDATES
     ensemble: TemplateEnsemble
     sources: tuple[np.ndarray, ...]  # the templates' raw rows, memory-mapped
 
@@ -353,9 +354,11 @@ class _EnsembleSearcher:
     def templates(self) -> tuple[int, ...]:
         return tuple(range(len(self.sources)))
 
+    def candidates(self, params: Mapping[str, Any] | None) -> int:
+        return int((params or {}).get("candidates", self.default_candidates))
+
     def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None, fallback: bool
                ) -> TemplateSearchResult:
-        candidates = int((params or {}).get("candidates", DEFAULT_CANDIDATES))
-        res = self.ensemble.search(queries, self.sources, k, candidates=candidates, fallback=fallback)
+        res = self.ensemble.search(queries, self.sources, k, candidates=self.candidates(params), fallback=fallback)
         return TemplateSearchResult(self.templates, res.scores, res.ids, np.zeros_like(res.certified),
                                     res.certified, res.fell_back)

@@ -33,7 +33,7 @@ import numpy as np
 
 from .base import IndexData, Resolver, TemplateSearcher, TemplateSearchResult
 from .bf16 import BF16ScanBackend
-from .ensemble import ENSEMBLE_DIR, EnsembleIndex, TemplateEnsemble
+from .ensemble import ENSEMBLE_DIR, EnsembleIndex, EnsembleSearcher, TemplateEnsemble
 from .exact import Exactness, brute_force_device, search_exact
 from .hardware import cpu_bf16_native
 from .registry import register_backend
@@ -105,25 +105,19 @@ class EnsembleBF16Index(EnsembleIndex):
 
 
 @dataclass(frozen=True)
-class _Searcher:
+class _Searcher(EnsembleSearcher):
     """All templates through the ensemble (stage 1 in bf16 where it pays); what it cannot certify, with
     fallback on, through each template's resolver, one template's bf16 rows in memory at a time.
-    params: {"candidates": K'} (default DEFAULT_CANDIDATES)."""
+    params: {"candidates": K'} (default DEFAULT_CANDIDATES of this module)."""
 
-    ensemble: TemplateEnsemble
-    sources: tuple[np.ndarray, ...]  # the templates' raw float32 rows, memory-mapped
+    default_candidates: ClassVar[int] = DEFAULT_CANDIDATES
     stage1: BF16ScanBackend | None  # the means in bf16 (None: exact flat search over them)
     index: IndexData
     use_gpu: bool
 
-    @property
-    def templates(self) -> tuple[int, ...]:
-        return tuple(range(len(self.sources)))
-
     def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] | None, fallback: bool
                ) -> TemplateSearchResult:
-        candidates = int((params or {}).get("candidates", DEFAULT_CANDIDATES))
-        res = self.ensemble.search(queries, self.sources, k, candidates=candidates, fallback=False,
+        res = self.ensemble.search(queries, self.sources, k, candidates=self.candidates(params), fallback=False,
                                    backend=self.stage1)
         scores, ids, fell_back = res.scores.copy(), res.ids.copy(), np.zeros_like(res.certified)
         for t in self.templates if fallback else ():
