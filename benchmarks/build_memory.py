@@ -21,24 +21,30 @@ import time
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import open_clip
 import psutil
 import torch
 from idia_engine.engine.candidates.made_up import generate_names
 from idia_engine.engine.candidates.templates import PAPER_TEMPLATES
 from idia_engine.engine.index.build import BuildConfig, build_index
 from idia_engine.engine.model.load import ModelInfo, Precision
+from idia_engine.engine.model.text_encoder import TextPath
 
 
 @dataclass
 class StandInTextModel:
-    """Just enough of LoadedModel for build_index: info, device, precision, encode_text."""
+    """Just enough of LoadedModel for build_index: info, device, precision, tokenizer, encode_text."""
 
     info: ModelInfo
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: Precision = Precision.FP32
-    text_path: str = "stand-in"
+    text_path: TextPath = TextPath.STOCK  # a manifest field; the model name says "stand-in"
+    # open_clip's own BPE tokenizer (shipped with the package): build_index drops names with an earlier
+    # name's token ids, as it does for a real model.
+    tokenizer: Any = field(default_factory=lambda: open_clip.tokenizer.SimpleTokenizer())
 
     def __post_init__(self) -> None:
         dim = self.info.embed_dim
@@ -60,6 +66,15 @@ def _stand_in_info(dim: int) -> ModelInfo:
     return ModelInfo(model="stand-in", pretrained="none", weights_source="stand-in", open_clip_name="stand-in",
                      model_config={"embed_dim": dim}, preprocess={}, embed_dim=dim, context_length=77,
                      checkpoint_sha256=None, fingerprint=hashlib.sha256(f"stand-in-{dim}".encode()).hexdigest())
+
+
+def write_names(out: Path, count: int) -> Path:
+    """out/names.txt with `count` made-up names (kept when it is already there: a rerun resumes its build)."""
+    names_file = out / "names.txt"
+    if not names_file.exists():
+        names = generate_names(count, seed=42, first_names=4275, surnames=88799).names
+        names_file.write_text("\n".join(names) + "\n", encoding="utf-8")
+    return names_file
 
 
 class PeakRss:
@@ -96,10 +111,7 @@ def main() -> None:
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    names_file = args.out / "names.txt"
-    if not names_file.exists():
-        names = generate_names(args.names, seed=42, first_names=4275, surnames=88799).names
-        names_file.write_text("\n".join(names) + "\n", encoding="utf-8")
+    names_file = write_names(args.out, args.names)
     model = StandInTextModel(_stand_in_info(args.dim))
     config = BuildConfig(names_file=names_file, index_dir=args.out / "index", templates=PAPER_TEMPLATES[:args.templates],
                          index_kind=args.index, batch_size=args.batch_size, overwrite=True)

@@ -126,3 +126,21 @@ def test_precision_benchmark_reports_every_precision_beside_float32():
     assert set(result["results"]) == {"float32", "float16", "bfloat16", "int8 (torch._int_mm)"}
     assert result["results"]["float32"]["x_float32_speed"] == 1.0
     assert result["machine"]["cpu_features"]
+
+
+def test_search_memory_builds_then_searches_a_built_index(tmp_path, monkeypatch):
+    """benchmarks/search_memory: the real build, then query's search and cells over the built index; the
+    report has both phases' peak RSS and exact decisions (no answer kept uncertified)."""
+    import sys
+
+    from idia_engine.benchmarks import search_memory
+
+    monkeypatch.setattr(sys, "argv", ["search_memory", "--names", "400", "--templates", "2", "--dim", "32",
+                                      "--persons", "4", "--photos", "5", "--out", str(tmp_path)])
+    search_memory.main()
+    result = json.loads((tmp_path / "search_memory.json").read_text())
+    assert (result["names"], result["templates"], result["photos"]) == (400, 2, 20)
+    assert result["index_kind"] == "ensemble-bf16"
+    assert result["search_peak_rss_gib"] > 0 and result["build_peak_rss_gib"] > 0
+    assert result["search"]["uncertified_kept"] == 0 and result["search"]["exact_decisions"]
+    assert result["search"]["cells"]["cells"] == 4 * 2
