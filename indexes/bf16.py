@@ -175,13 +175,14 @@ class BF16ScanBackend(NameIndexBackend):
     def add(self, vectors: np.ndarray) -> None:
         x = torch.from_numpy(np.require(as_vectors(vectors, self.dim, what="name embeddings"), requirements="W"))
         rounded = x.to(torch.bfloat16)
-        if len(x):
-            # In float32 for speed, then rounded up: x - x^ is exact in float32 (x^ is x with fewer bits), and a
-            # float32 sum of D squares is within gamma_D of the real one, far inside NORM_MARGIN.
-            r = rounded.float()
-            up = 1 + NORM_MARGIN
-            self.max_norm = max(self.max_norm, float(torch.linalg.vector_norm(x, dim=1).max()) * up)
-            self.max_rounding = max(self.max_rounding, float(torch.linalg.vector_norm(x - r, dim=1).max()) * up)
+        # In float32 for speed, then rounded up: x - x^ is exact in float32 (x^ is x with fewer bits), and a
+        # float32 sum of D squares is within gamma_D of the real one, far inside NORM_MARGIN. In chunks of rows,
+        # so the float32 temporaries stay small beside 10^6 rows (2 GB each at D = 512).
+        up = 1 + NORM_MARGIN
+        for r0 in range(0, len(x), ROW_CHUNK):
+            xc, r = x[r0:r0 + ROW_CHUNK], rounded[r0:r0 + ROW_CHUNK].float()
+            self.max_norm = max(self.max_norm, float(torch.linalg.vector_norm(xc, dim=1).max()) * up)
+            self.max_rounding = max(self.max_rounding, float(torch.linalg.vector_norm(xc - r, dim=1).max()) * up)
             self.max_norm_rounded = max(self.max_norm_rounded, float(torch.linalg.vector_norm(r, dim=1).max()) * up)
         self._chunks.append(rounded)
 
