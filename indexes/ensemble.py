@@ -47,7 +47,7 @@ from .errors import IndexFileError, VectorFormatError
 from .exact import Exactness, ExactSearchResult, backend_candidates, exact_topk, exact_topk_among
 from .flat import FlatIPBackend
 from .registry import register_backend
-from .vectors import Candidates, as_vectors
+from .vectors import Candidates, as_vectors, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _fetch(source: RowSource, t: int, ids: np.ndarray | slice, dim: int) -> np.n
             ids = np.arange(ids.start, ids.stop, dtype=np.int64)
         rows = np.asarray(source(t, ids))
     else:
-        rows = np.asarray(source[t][ids])
+        rows = read_rows(source[t], ids) if not isinstance(ids, slice) else np.asarray(source[t][ids])
     if rows.ndim != 2 or rows.shape[1] != dim or rows.dtype != np.float32:
         raise VectorFormatError(f"template {t} rows must be float32 [n, {dim}], got {rows.dtype} {rows.shape}")
     return rows

@@ -5,6 +5,7 @@ Scores are inner products of L2-normalised rows (cosine similarities): higher = 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,3 +55,33 @@ class Candidates:
     ids: np.ndarray  # int64 [Q, k'] row ids, -1 where fewer than k' were found
     bound: np.ndarray  # float64 [Q]: every row NOT in `ids` has exact score q.x <= bound (-inf: none left out;
     #                    +inf: nothing is known)
+
+
+def read_rows(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """rows[ids] for sorted, distinct ids, as a new array. For a memory-mapped .npy file the rows are read
+    with pread into the new array instead of through the mapping: every page a mapping faults in (and the
+    kernel's fault-around and readahead beside it, 64 KB or more per row) stays in this process's RSS while
+    the mapping lives, and a search that holds all T templates' mappings to fetch a few thousand candidate
+    rows of each would otherwise keep a large share of every template's file resident."""
+    ids = np.asarray(ids, np.int64)
+    name = getattr(rows, "filename", None)
+    if not isinstance(rows, np.memmap) or not name or rows.ndim != 2 or not rows.flags.c_contiguous:
+        return np.asarray(rows[ids])
+    row_bytes = rows.shape[1] * rows.dtype.itemsize
+    if rows.offset + len(rows) * row_bytes != os.path.getsize(name):  # a view into the mapping: offset is stale
+        return np.asarray(rows[ids])
+    out = np.empty((len(ids), rows.shape[1]), rows.dtype)
+    if not len(ids):
+        return out
+    # runs of consecutive ids are one read each
+    starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 2) != 1)
+    ends = np.append(starts[1:], len(ids))
+    view = out.view(np.uint8).reshape(len(ids), row_bytes)
+    with open(name, "rb", buffering=0) as f:
+        fd = f.fileno()
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            want = (b - a) * row_bytes
+            got = os.preadv(fd, [memoryview(view[a:b]).cast("B")], rows.offset + int(ids[a]) * row_bytes)
+            if got != want:
+                raise VectorFormatError(f"{name}: short read of rows {ids[a]}..{ids[b - 1]} ({got} of {want} bytes)")
+    return out

@@ -175,3 +175,18 @@ def test_float32_screen_then_float64_refine_equals_a_float64_rerank():
         ref_s, ref_i = sort_topk(full, np.where(valid, cid, -1))
         ref_i[~np.isfinite(ref_s)] = -1
         assert np.array_equal(si[:, :k], ref_i[:, :k]) and np.array_equal(ss[:, :k], ref_s[:, :k])
+
+
+def test_read_rows_from_a_mapped_file_equals_indexing_it(tmp_path):
+    """Candidate rows are read from a vectors file with pread (nothing of the file stays mapped): the same rows
+    as indexing the memmap, for runs of consecutive ids, single ids, the last row, none, and views."""
+    from idia_engine.indexes.vectors import read_rows
+
+    x = np.random.default_rng(2).standard_normal((1000, 24)).astype(np.float32)
+    np.save(tmp_path / "v.npy", x)
+    mm = np.load(tmp_path / "v.npy", mmap_mode="r")
+    for ids in ([0, 1, 2, 3, 500, 501, 999], [7], [], list(range(1000))):
+        got = read_rows(mm, np.array(ids, np.int64))
+        assert got.shape == (len(ids), 24) and np.array_equal(got, x[ids]) and not isinstance(got, np.memmap)
+    assert np.array_equal(read_rows(mm[10:], np.array([0, 5])), x[[10, 15]])  # a view falls back to indexing
+    assert np.array_equal(read_rows(x, np.array([3, 4])), x[[3, 4]])
