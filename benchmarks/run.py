@@ -8,7 +8,7 @@ Definitions (every figure next to its baseline, measured in the same run):
   predicted name equals the exact one.
 - decision_agreement: fraction of persons whose paper-mode decision (score >= tau, tau = 1) equals the exact
   one; score_agreement: fraction of persons whose score 0..T is identical.
-- ensemble methods fetch candidate rows from the generator (in the engine: from a memmap); the time spent
+- ensemble methods fetch candidate rows from the generator (in the engine: read from the vectors files); the time spent
   regenerating rows is measured and excluded from q/s (reported as fetch_s), the build likewise.
 
 Label spaces are streamed one template at a time (per-template methods are interleaved on the same rows, so

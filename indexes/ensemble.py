@@ -22,6 +22,8 @@ agreement with the exact answer the benchmarks measure. `radius_name` (per name,
 
 Sources of template rows: a sequence of T arrays or np.memmaps [N, D], or a callable `rows(t, ids)` ->
 float32 [len(ids), D] (ids an int64 array) for rows that are regenerated or read on demand.
+The build and stage 2 read a memory-mapped source's rows with pread (`indexes.vectors.read_rows`), so holding
+all T mappings keeps none of their pages in RSS.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def _fetch(source: RowSource, t: int, ids: np.ndarray | slice, dim: int) -> np.n
             ids = np.arange(ids.start, ids.stop, dtype=np.int64)
         rows = np.asarray(source(t, ids))
     else:
-        rows = read_rows(source[t], ids) if not isinstance(ids, slice) else np.asarray(source[t][ids])
+        if isinstance(ids, slice):  # a block of names while building: one read
+            ids = np.arange(*ids.indices(len(source[t])), dtype=np.int64)
+        rows = read_rows(source[t], ids)
     if rows.ndim != 2 or rows.shape[1] != dim or rows.dtype != np.float32:
         raise VectorFormatError(f"template {t} rows must be float32 [n, {dim}], got {rows.dtype} {rows.shape}")
     return rows
