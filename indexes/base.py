@@ -156,9 +156,9 @@ class IndexKind(ABC):
 
     @classmethod
     def resolve_in_one_pass(cls, *, use_gpu: bool) -> bool:
-        """Whether cells should hand all their open photos to the resolver at once: True where a call costs
-        mostly reading the template's rows (a bf16 scan for a few hundred photos), False where it costs per
-        photo (the float32 GEMM, where resolving only what round 1 needs first saves photos)."""
+        """Whether cells should hand all their open photos to the resolver at once: True where a second call,
+        which reads all the template's rows again, costs more than the photos round 1 would save (a bf16 scan),
+        False where the cost is mostly per photo (the float32 GEMM: resolving only what round 1 needs saves)."""
         return False
 
     @classmethod

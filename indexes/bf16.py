@@ -212,8 +212,9 @@ class BF16ScanBackend(NameIndexBackend):
         """Exact top-k over the template's float32 rows `vectors` from one bf16 scan (`indexes.exact.search_exact`
         hands this kind's searches here).
 
-        1. The scan's top k + extra_candidates are re-ranked exactly (`exact_topk_among`); a query is certified when its needed
-           exact score (top-1, or the k-th for TOPK) beats the bound of the last candidate's bf16 score.
+        1. The scan's top k + extra_candidates are re-ranked exactly (`exact_topk_among`); a query is certified
+           when its needed exact score (top-1, or the k-th for TOPK) beats the bound of the last candidate's
+           bf16 score.
         2. Second look, from the same scan: every row outside the candidates lies in a block whose bf16 max
            bounds it, so for a query not certified the blocks whose bound reaches its needed score are scored
            exactly (at most MAX_LOOK_BLOCKS); every other row is then below it. No second scan is needed.

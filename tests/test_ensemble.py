@@ -190,3 +190,4 @@ def test_read_rows_from_a_mapped_file_equals_indexing_it(tmp_path):
         assert got.shape == (len(ids), 24) and np.array_equal(got, x[ids]) and not isinstance(got, np.memmap)
     assert np.array_equal(read_rows(mm[10:], np.array([0, 5])), x[[10, 15]])  # a view falls back to indexing
     assert np.array_equal(read_rows(x, np.array([3, 4])), x[[3, 4]])
+    assert np.array_equal(read_rows(mm, slice(998, None)), x[998:]) and read_rows(x, slice(2, 5)).base is x

@@ -19,7 +19,7 @@ With W known votes for y, K the most known votes of any single other name, X wit
   a = min(U, floor((K + X + U - W) / 2) + 1). Round 2 brute-forces every photo still not known in the cells
   still open, which then are fully known. So each template's rows are scanned at most twice, for only the
   photos that cells need. With `one_pass`, round 1 takes every photo of the open cells at once (one scan;
-  for resolvers whose cost is reading the rows rather than a cost per photo).
+  for resolvers where a second scan of the rows costs more than the photos round 1 would save).
 
 What is reported. Scores and decisions are those of the exact dense computation. Per photo and template,
 `status` says what its top-1 is: exact (KNOWN) or only certified not to change the cell's outcome
@@ -130,8 +130,8 @@ def decide_cells(scores: np.ndarray, ids: np.ndarray, certified: np.ndarray, tru
     certified: bool [M] the candidates' top-1 is proved exact. true_scores: float32 [M] the exact score of
     each photo's true name. person: int [M] 0..P-1. true_ids: int [P]. resolve(rows) -> exact (scores, ids)
     [len(rows), k] over all names, for those photo rows (one batched brute-force pass per call).
-    one_pass: resolve every photo of the open cells in round 1 (one call, no round 2): for a resolver whose
-    cost is mostly reading the rows (a bf16 scan for few photos), not a cost per photo."""
+    one_pass: resolve every photo of the open cells in round 1 (one call, no round 2): for a resolver where a
+    second call, reading all rows again, costs more than the photos it saves (a bf16 scan)."""
     person = np.asarray(person, np.int64)
     true_ids = np.asarray(true_ids, np.int64)
     n_persons = len(true_ids)

@@ -4,8 +4,9 @@ For index kinds that are not exact by themselves (ensemble, IVF, ...) the search
 re-ranked candidates and their certificates without brute force; here, per template, each person's cell is
 settled from them by witnesses (`cells.py`), and only the photos that open cells need are answered exactly
 over all of the template's names, in at most two batched passes, by the kind's resolver (a float32 GEMM over
-the raw rows by default; a certified bf16 scan for `ensemble-bf16` on a CPU that multiplies bf16 natively). Scores and decisions equal the exact dense
-computation; `predictions/top1_status.npy` says which top-1s are exact.
+the raw rows by default; a certified bf16 scan for `ensemble-bf16` on a CPU that multiplies bf16 natively).
+Scores and decisions equal the exact dense computation; `predictions/top1_status.npy` says which top-1s are
+exact.
 """
 
 from __future__ import annotations
