@@ -6,7 +6,6 @@ It is the baseline every benchmark measures against, and an independent exact pa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from .base import IndexData, NameIndexBackend, template_file
+from .matmul import float32_matmul
 from .registry import register_backend
 from .vectors import as_vectors, reject_search_params, sort_topk
 
@@ -21,22 +21,6 @@ _WHAT = "the dense baseline"  # names it in the refusal of search parameters
 
 # Rows of the [queries x names] score matrix computed at once: bounds memory to ~256 MB of scores.
 _SCORE_BUDGET = 64 * 1024 * 1024
-
-
-@contextmanager
-def float32_matmul():
-    """Full float32 matrix products for the duration: torch may otherwise use TF32 (10-bit mantissa) on
-    NVIDIA GPUs when a caller has set `torch.set_float32_matmul_precision("high")` or allow_tf32, which moves
-    scores by ~1e-3 and flips arg-maxes; the previous setting is restored afterwards."""
-    precision = torch.get_float32_matmul_precision()
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.set_float32_matmul_precision(precision)
 
 
 @register_backend

@@ -39,6 +39,7 @@ import torch
 
 from .bounds import gamma
 from .errors import VectorFormatError
+from .matmul import float32_matmul, matmul
 from .vectors import Candidates, as_vectors, sort_topk
 
 if TYPE_CHECKING:  # base imports this module (its default searchers re-rank with search_exact)
@@ -171,7 +172,7 @@ def exact_topk_among(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray, 
         cid = ids[lo:lo + step]
         valid = cid >= 0
         x = rows[np.where(valid, cid, 0).ravel()].reshape(len(cid), m, rows.shape[1])
-        s32 = np.matmul(x, q[lo:lo + step, :, None])[..., 0].astype(np.float64)
+        s32 = matmul(x, q[lo:lo + step, :, None])[..., 0].astype(np.float64)
         xn = np.sqrt(np.einsum("qmd,qmd->qm", x, x).astype(np.float64) / (1 - g)) * (1 + 1e-6)
         delta = g * qn[lo:lo + step, None] * xn + 1e-30
         lower = np.where(valid, s32 - delta, -np.inf)
@@ -217,15 +218,14 @@ def _exact_topk_block(rows: np.ndarray, q: np.ndarray, k: int, chunk_rows: int |
 
 def _chunk_topk(q: np.ndarray, x: np.ndarray, kk: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """The float32 top-kk of q against one chunk of rows: a plain GEMM and torch.topk (any order within a tie;
-    the exact re-rank orders them). On the CPU numpy's BLAS (not faiss.knn: faiss leaves BLAS for small query
-    batches and is then ~5x slower, and the batches brute force gets, photos certificates left open, are
-    small); on a GPU cuBLAS in full float32 (TF32 held off: the error bound assumes float32 products)."""
+    the exact re-rank orders them). On the CPU a torch GEMM (`indexes.matmul`; not faiss.knn: faiss leaves
+    BLAS for small query batches and is then ~5x slower, and the batches brute force gets, photos certificates
+    left open, are small); on a GPU cuBLAS in full float32 (TF32 held off: the error bound assumes float32
+    products)."""
     if device.type == "cpu":
-        s = torch.from_numpy(q @ x.T)
+        s = torch.from_numpy(matmul(q, x.T))
         top_s, top_i = torch.topk(s, kk, dim=1)
         return top_s.numpy(), top_i.numpy().astype(np.int64)
-    from .dense import float32_matmul
-
     with float32_matmul():
         s = torch.from_numpy(q).to(device) @ torch.from_numpy(x).to(device).T
     top_s, top_i = torch.topk(s, kk, dim=1)

@@ -805,3 +805,40 @@ def test_sidecar_of_wrong_types_is_an_index_file_error(tmp_path):
         side.write_text(json.dumps({**meta, **change}), encoding="utf-8")
         with pytest.raises(IndexFileError, match=pattern):
             FaissBackend.load(tmp_path / "t.faiss")
+
+
+def test_cpu_products_run_in_torch_at_full_float32_and_leave_numpys_blas_idle(monkeypatch):
+    """The brute force's GEMM and the re-rank's screen go through `indexes.matmul`: torch, precision held at
+    "highest" (a caller's "medium" would let oneDNN multiply float32 in bf16), never numpy's BLAS (whose own
+    threads, spinning beside torch's, slowed the next bf16 scans 2-5x on a 2-core CPU)."""
+    import torch
+    from idia_engine.indexes import exact, matmul
+
+    seen = []
+    real = torch.matmul
+
+    def spy(a, b):
+        seen.append(torch.get_float32_matmul_precision())
+        return real(a, b)
+
+    def no_numpy_blas(*args, **kwargs):
+        raise AssertionError("numpy's BLAS was called")
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((300, 32)).astype(np.float32)
+    queries = rng.standard_normal((5, 32)).astype(np.float32)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        monkeypatch.setattr(matmul.torch, "matmul", spy)
+        monkeypatch.setattr(exact.np, "matmul", no_numpy_blas, raising=True)
+        scores, ids = exact.exact_topk(rows, queries, 3)
+        among = exact.exact_topk_among(rows, queries, np.tile(np.arange(40), (5, 1)), 3)
+        assert seen and all(s == "highest" for s in seen)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    want = np.argsort(-(rows.astype(np.float64) @ queries.T.astype(np.float64)), axis=0, kind="stable")[:3].T
+    assert np.array_equal(ids, want)
+    assert np.array_equal(among[1], np.argsort(-(rows[:40].astype(np.float64) @ queries.T.astype(np.float64)),
+                                               axis=0, kind="stable")[:3].T)
