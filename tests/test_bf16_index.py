@@ -93,8 +93,9 @@ def near_tie_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_near_ties_bf16_cannot_order_are_scored_exactly_block_by_block():
-    """Every block's bound reaches the top score, so the second look scores them all exactly (3000 rows are 24
-    blocks): the answer is exact and certified, without brute force."""
+    """Every block's bound reaches the top score, so the second look scores them all exactly (3000 rows are
+    fewer than MAX_LOOK_BLOCKS blocks): the answer is exact and certified, without brute force."""
+    assert 3000 <= SELECT_BLOCK * MAX_LOOK_BLOCKS
     rows, queries = near_tie_rows(3000, 5)
     backend = BF16ScanBackend.create(D)
     backend.add(rows)
@@ -104,6 +105,34 @@ def test_near_ties_bf16_cannot_order_are_scored_exactly_block_by_block():
     scores, ids = exact_topk(rows, queries, 5)
     assert result.certified_topk.all() and not result.fell_back.any()
     assert np.array_equal(result.ids, ids) and np.array_equal(result.scores, scores)
+
+
+def test_many_query_blocks_and_row_chunks_answer_as_one(monkeypatch):
+    """Queries in blocks of 5 and rows in chunks of 2 SELECT_BLOCKs (merged top-k's, block maxima stitched
+    across chunks, second looks in some query blocks only) give the exact answer, as one block and one chunk do."""
+    import idia_engine.indexes.bf16 as bf16
+
+    ties, tie_queries = near_tie_rows(SELECT_BLOCK * 12, 3)
+    rng = np.random.default_rng(4)
+    other = rng.standard_normal((SELECT_BLOCK * 9 + 17, D))  # a short last block and chunk
+    rows = np.concatenate([ties, (other / np.linalg.norm(other, axis=1, keepdims=True)).astype(np.float32)])
+    queries = np.concatenate([tie_queries[:4], rows[-12:] * 0.5 + rng.standard_normal((12, D)) * 0.02]).astype(np.float32)
+    backend = BF16ScanBackend.create(D)
+    backend.add(rows)
+    whole = search_exact(backend, rows, queries, 3, need=Exactness.TOPK)
+    monkeypatch.setattr(bf16, "QUERY_BLOCK", 5)
+    monkeypatch.setattr(bf16, "MIN_ROW_CHUNK", 2 * SELECT_BLOCK)
+    monkeypatch.setattr(bf16, "WORKSPACE_BYTES", 1)
+    assert bf16._row_chunk(5) == 2 * SELECT_BLOCK
+    split = search_exact(backend, rows, queries, 3, need=Exactness.TOPK)
+    scores, ids = exact_topk(rows, queries, 3)
+    for result in (whole, split):
+        assert result.certified_topk.all() and not result.fell_back.any()
+        assert np.array_equal(result.ids, ids) and np.array_equal(result.scores, scores)
+    found = backend.search_candidates(queries, 3 + BF16ScanBackend.extra_candidates)
+    looked = found.bound >= scores[:, 2]  # the candidates alone could not certify these: second looks
+    assert looked[:4].all() and not looked[4:].any()
+    assert np.array_equal(found.ids[4:, 0], ids[4:, 0])  # the scan's own top-1s, found in the last chunk
 
 
 def test_near_ties_over_more_blocks_than_the_second_look_takes_are_brute_forced():
