@@ -48,6 +48,7 @@ from .bounds import REL_INFLATE
 from .errors import IndexFileError, VectorFormatError
 from .exact import Exactness, ExactSearchResult, backend_candidates, exact_topk, exact_topk_among
 from .flat import FlatIPBackend
+from .matmul import matmul
 from .registry import register_backend
 from .vectors import Candidates, as_vectors, read_rows
 
@@ -260,7 +261,7 @@ class TemplateEnsemble:
         q64 = np.asarray(queries, np.float64)
         qn = np.sqrt(np.einsum("ij,ij->i", q64, q64))
         mb = np.asarray(mean_bound, np.float64)[:, None]
-        qg = q64 @ self.offsets.T
+        qg = matmul(q64, self.offsets.T)
         reach = qn[:, None] * self.radius[None, :]
         with np.errstate(invalid="ignore"):
             # float64 sums of D products are off by ~D 2^-53 relatively: a relative slack of 1e-9 covers them.

@@ -46,6 +46,7 @@ from .errors import (
     IndexSpecError,
     SearchParamsError,
 )
+from .matmul import matmul
 from .params import ParamRules, default_nprobe, search_parameters
 from .registry import register_backend
 from .sidecar import read_sidecar, sidecar_path, write_sidecar
@@ -441,11 +442,11 @@ class FaissBackend(NameIndexBackend):
     def list_upper_bounds(self, queries: np.ndarray) -> np.ndarray:
         """float64 [Q, nlist]: an upper bound on q.x over the members of each list (-inf for empty lists)."""
         q64 = as_vectors(queries, self.dim, what="queries").astype(np.float64)
-        return self._stats.list_bounds(self._centroids, norms64(q64), q64 @ self._centroids.astype(np.float64).T)
+        return self._stats.list_bounds(self._centroids, norms64(q64), matmul(q64, self._centroids.astype(np.float64).T))
 
     def _ivf_candidates(self, q: np.ndarray, qn: np.ndarray, k: int, nprobe: int) -> Candidates:
         nq, nlist = len(q), int(self._ivf.nlist)
-        cs = q.astype(np.float64) @ self._centroids.astype(np.float64).T  # exact centroid scores
+        cs = matmul(q.astype(np.float64), self._centroids.astype(np.float64).T)  # exact centroid scores
         ub = self._stats.list_bounds(self._centroids, qn, cs)
         nprobe = min(nprobe, nlist)
         if nprobe < nlist:

@@ -37,8 +37,11 @@ def float32_matmul() -> Iterator[None]:
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b for numpy arrays (float32 or float64, batched like np.matmul), computed by torch on the CPU in
-    the arrays' own precision (module docstring). Any summation order: the bounds that use it allow any."""
+    numpy's result precision of the two (module docstring). Any summation order: the bounds that use it
+    allow any."""
+    dtype = np.result_type(a, b)
+    a, b = np.asarray(a, dtype), np.asarray(b, dtype)
     with float32_matmul(), warnings.catch_warnings():
         # torch warns that a read-only array (a memmapped index file) could be written through; matmul only reads
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.matmul(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))).numpy()
+        return torch.matmul(torch.from_numpy(a), torch.from_numpy(b)).numpy()
