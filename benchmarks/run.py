@@ -57,6 +57,9 @@ METHODS: dict[str, str] = {
     "bf16-exact": "bf16 full scan, certified re-rank against the float32 rows, brute-force fallback (exact)",
     "ensemble": "template-ensemble prefilter (K'=256), no fallback (approximate)",
     "ensemble-exact": "template-ensemble prefilter with brute-force fallback (exact)",
+    "ensemble-bf16": "--index ensemble-bf16 --no-fallback: the ensemble prefilter (K' as ensemble) with stage 1 as a "
+                     "certified bf16 scan of the means, no fallback (approximate; flat stage 1 where the CPU has "
+                     "no native bf16)",
     "cells": "template-ensemble prefilter, cells settled by witnesses, batched brute force for the rest (exact)",
     "cells-bf16": "--index ensemble-bf16: cells as above, stage 1 and the open photos through certified bf16 "
                   "scans (exact; float32 where the CPU has no native bf16)",
@@ -65,7 +68,7 @@ METHODS: dict[str, str] = {
 }
 # ivf-pq is opt-in (--methods): training 64 sub-quantizers per template dominates a short CPU run.
 DEFAULT_METHODS = ("dense", "flat", "ivf-flat", "ivf-flat+rerank", "ivf-sq8", "hnsw", "bf16-exact", "ensemble",
-                   "ensemble-exact", "cells", "cells-bf16", "flat-gpu", "dense-gpu")
+                   "ensemble-exact", "ensemble-bf16", "cells", "cells-bf16", "flat-gpu", "dense-gpu")
 _TEMPLATE_METHODS = ("dense", "flat", "ivf-flat", "ivf-flat+rerank", "ivf-sq8", "ivf-pq", "hnsw", "bf16-exact",
                      "flat-gpu", "dense-gpu")
 _IVF_FACTORIES = {"ivf-flat": "Flat", "ivf-flat+rerank": "Flat", "ivf-sq8": "SQ8", "ivf-pq": "PQ"}
@@ -311,21 +314,29 @@ def _one_size(config: BenchConfig, n: int, progress: Callable[[str, int, int], N
             results[m]["certified_fraction"] = p.certified / (len(q) * t_count)
             results[m]["fell_back_fraction"] = p.fell_back / (len(q) * t_count)
     ens, build_s, src = None, 0.0, _TimedSource(gen)
-    for m in ("ensemble", "ensemble-exact"):
+    for m in ("ensemble", "ensemble-exact", "ensemble-bf16"):
         if m not in config.methods:
             continue
-        if ens is None:  # one build serves both variants
+        if ens is None:  # one build serves every variant
             start = time.perf_counter()
             ens = TemplateEnsemble.build(src, n, t_count, dim)
             build_s = time.perf_counter() - start - src.seconds
+        stage1, stage1_s = None, 0.0
+        if m == "ensemble-bf16" and bf16_scans_pay(use_gpu):  # the means in bf16, as ensemble-bf16 loads them
+            start = time.perf_counter()
+            stage1 = get_backend("bf16").create(ens.dim)
+            stage1.add(ens.means)
+            stage1_s = time.perf_counter() - start
         src.seconds = 0.0
         start = time.perf_counter()
-        res = ens.search(q, src, 1, candidates=config.candidates, fallback=m == "ensemble-exact")
+        res = ens.search(q, src, 1, candidates=config.candidates, fallback=m == "ensemble-exact", backend=stage1)
         total = time.perf_counter() - start
         search_s = max(total - src.seconds, 1e-9)
         results[m] = {"qps": len(q) * t_count / search_s, "search_s": search_s, "fetch_s": src.seconds,
-                      "qps_including_fetch": len(q) * t_count / total, "build_s": build_s,
-                      "index_bytes": ens.nbytes, "rss_gb_after_build": round(_rss_gb(), 3),
+                      "qps_including_fetch": len(q) * t_count / total, "build_s": build_s + stage1_s,
+                      "bf16_scans": stage1 is not None,
+                      "index_bytes": ens.nbytes + (stage1.ntotal * dim * 2 if stage1 is not None else 0),
+                      "rss_gb_after_build": round(_rss_gb(), 3),
                       "certified_fraction": float(res.certified.mean()),
                       "fell_back_fraction": float(res.fell_back.mean()),
                       "radius_max": float(ens.radius.max()), "radius_name_mean": float(ens.radius_name.mean()),

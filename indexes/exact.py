@@ -40,7 +40,7 @@ import torch
 from .bounds import gamma
 from .errors import VectorFormatError
 from .matmul import float32_matmul, matmul
-from .vectors import Candidates, as_vectors, sort_topk
+from .vectors import Candidates, as_vectors, read_rows, sort_topk
 
 if TYPE_CHECKING:  # base imports this module (its default searchers re-rank with search_exact)
     from .base import NameIndexBackend
@@ -54,6 +54,10 @@ _ROW_BLOCK = 1 << 25  # float32 elements of rows read at once by the brute force
 _FILTER_EXTRA = 16  # rows per chunk the brute-force filter keeps beyond k (more only for near-ties)
 _PAIR_BLOCK = 1 << 22  # float64 elements of the exact re-rank gathered at once (32 MiB)
 _QUERY_BLOCK = 4096  # queries per brute-force pass over the rows
+# exact_topk_among screens a block of queries by a GEMM over its distinct candidates while that costs at most this
+# many times the multiply-adds of the gathered product: at 15.6 times (the ensemble's K' = 256 candidates of 32
+# photos, 4,000 distinct of 8,192) the GEMM ran 45 ms against 59 for 300 photos; at 29 (no overlap), 76 against 68.
+GEMM_RATIO = 20
 
 
 class Exactness(str, Enum):
@@ -155,7 +159,13 @@ def exact_topk_among(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray, 
     real one in any summation order (||x|| from the float32 sum of squares, its gamma_D divided out). Only
     candidates whose s~ + delta reaches the k-th largest s~ - delta (less the float32 rounding margin of
     `_keep_threshold`, so ties keep the engine's order) can be in the exact top-k; only they get `exact_dot`,
-    typically one or two of 16."""
+    typically one or two of 16.
+
+    The float32 scores come from one of two products with the same bound, per block of queries: where the
+    block's candidates overlap (photos of one person share most of theirs) a GEMM of the block's queries
+    against its distinct candidate rows, each gathered and its norm taken once; otherwise each query's
+    candidates gathered [Q, m, D] and multiplied. The GEMM is taken while it costs at most GEMM_RATIO times
+    the multiply-adds of the gathered product: it reads each row once instead of once per query."""
     rows = _check_rows(vectors, np.shape(queries)[1])
     q = as_vectors(queries, rows.shape[1], what="queries")
     ids = np.asarray(ids, np.int64)
@@ -171,19 +181,34 @@ def exact_topk_among(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray, 
     for lo in range(0, nq, step):
         cid = ids[lo:lo + step]
         valid = cid >= 0
-        x = rows[np.where(valid, cid, 0).ravel()].reshape(len(cid), m, rows.shape[1])
-        s32 = matmul(x, q[lo:lo + step, :, None])[..., 0].astype(np.float64)
-        xn = np.sqrt(np.einsum("qmd,qmd->qm", x, x).astype(np.float64) / (1 - g)) * (1 + 1e-6)
+        qb = q[lo:lo + step]
+        distinct, where = np.unique(np.where(valid, cid, 0), return_inverse=True)
+        where = where.reshape(cid.shape)
+        if len(distinct) * len(cid) <= GEMM_RATIO * cid.size:
+            x = read_rows(rows, distinct)  # [U, D], U distinct candidates of the block
+            s32 = np.take_along_axis(matmul(qb, x.T), where, axis=1).astype(np.float64)
+            xn = _norm_bounds(x, g)[where]
+        else:
+            x = rows[np.where(valid, cid, 0).ravel()].reshape(len(cid), m, rows.shape[1])
+            s32 = matmul(x, qb[:, :, None])[..., 0].astype(np.float64)
+            xn = _norm_bounds(x, g)
+            x, where = x.reshape(-1, rows.shape[1]), np.arange(cid.size).reshape(cid.shape)
         delta = g * qn[lo:lo + step, None] * xn + 1e-30
         lower = np.where(valid, s32 - delta, -np.inf)
         with np.errstate(invalid="ignore"):
             thr = _keep_threshold(np.partition(lower, m - k, axis=1)[:, m - k])
         keep = valid & (s32 + delta >= thr[:, None])
         exact = np.full(cid.shape, -np.inf, np.float32)
-        exact[keep] = exact_dot(x[keep], q[lo:lo + step][np.nonzero(keep)[0]])
+        exact[keep] = exact_dot(x[where[keep]], qb[np.nonzero(keep)[0]])
         s, i = sort_topk(exact, np.where(keep, cid, -1))
         out_s[lo:lo + step], out_i[lo:lo + step] = s[:, :k], i[:, :k]
     return out_s, out_i
+
+
+def _norm_bounds(x: np.ndarray, g: float) -> np.ndarray:
+    """float64 [...]: upper bounds on ||x|| of rows x [..., D], from the float32 sum of squares (its gamma_D
+    divided out, then a relative 1e-6 for the float64 arithmetic here)."""
+    return np.sqrt(np.einsum("...d,...d->...", x, x).astype(np.float64) / (1 - g)) * (1 + 1e-6)
 
 
 def _keep_threshold(lower: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from idia_engine.indexes.base import (
     VectorFormatError,
 )
 from idia_engine.indexes.exact import backend_candidates, exact_scores
+from idia_engine.indexes.vectors import sort_topk
 
 DIM = 64
 N_NAMES = 6000
@@ -662,3 +663,31 @@ def test_every_exact_path_gives_a_pair_the_same_score():
     s, i = merge_extra(n, 1, queries[:1], np.full((1, 1), -np.inf, np.float32), np.full((1, 1), -1),
                        np.stack(rows)[:, 7:8], 1)
     assert (i[0, 0], s[0, 0]) == (n, one)
+
+
+@pytest.mark.parametrize("gemm_ratio", [0, 10 ** 6])  # always the gathered product; always the GEMM
+def test_the_top_k_among_candidates_equals_sorting_their_exact_scores(monkeypatch, gemm_ratio):
+    """Both screens of exact_topk_among (a GEMM over a block's distinct candidates, or the candidates gathered
+    per query) keep what sorting every candidate's exact score keeps: with shared candidates, rows that are
+    identical (the lower id first), near-ties 1e-7 apart, missing candidates (-1) and fewer valid than k."""
+    from idia_engine.indexes import exact
+
+    monkeypatch.setattr(exact, "GEMM_RATIO", gemm_ratio)
+    rng = np.random.default_rng(5)
+    d = 64
+    rows = rng.standard_normal((400, d)).astype(np.float32)
+    rows[7] = rows[3]  # identical rows
+    rows[11] = rows[3] * np.float32(1 + 1e-7)  # a near-tie
+    queries = (rows[[3, 3, 50, 60, 70]] + 0.01 * rng.standard_normal((5, d))).astype(np.float32)
+    ids = np.stack([rng.choice(np.arange(20, 400), 30, replace=False) for _ in range(5)])
+    ids[:2, :3] = [3, 7, 11]
+    ids[2:, :8] = ids[2, :8]  # candidates the queries share
+    ids[4, 5:] = -1  # fewer valid candidates than k
+    for k in (1, 4, 8):
+        scores, got = exact.exact_topk_among(rows, queries, ids, k)
+        full = exact_scores(rows, queries, ids)
+        want_s, want_i = sort_topk(full, np.where(ids >= 0, ids, -1))
+        assert np.array_equal(got, np.where(np.isfinite(want_s[:, :k]), want_i[:, :k], -1))
+        assert np.array_equal(scores, want_s[:, :k])
+    top3 = exact.exact_topk_among(rows, queries[:2], ids[:2], 3)[1]
+    assert top3.tolist() == [[11, 3, 7]] * 2  # the near-tie scores just above; identical rows: the lower id first

@@ -81,7 +81,7 @@ def test_quick_bench_cli_writes_every_artifact(tmp_path):
     assert (out / "throughput.png").stat().st_size > 1000
     assert data["machine"]["cores"] and data["versions"]
     (size,) = data["sizes"]
-    assert {"dense", "flat", "ensemble", "ensemble-exact"} <= set(size["methods"])
+    assert {"dense", "flat", "ensemble", "ensemble-exact", "ensemble-bf16"} <= set(size["methods"])
     assert "flat-gpu" in size["skipped"] or "flat-gpu" in size["methods"]
     for m, r in size["methods"].items():
         for key in ("qps", "ratio_to_dense", "top1_agreement", "recall_at_1", "decision_agreement",
@@ -89,6 +89,9 @@ def test_quick_bench_cli_writes_every_artifact(tmp_path):
             assert r[key] is not None, (m, key)
     assert size["methods"]["flat"]["decision_agreement"] == 1.0
     assert size["methods"]["ensemble-exact"]["top1_agreement"] == 1.0
+    from idia_engine.indexes.ensemble_bf16 import bf16_scans_pay
+
+    assert size["methods"]["ensemble-bf16"]["bf16_scans"] == bf16_scans_pay(use_gpu=False)  # as the index would
     cells = size["methods"]["cells"]
     assert cells["decision_agreement"] == cells["score_agreement"] == 1.0
     assert cells["top1_agreement_where_exact"] in (None, 1.0)
