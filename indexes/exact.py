@@ -182,14 +182,15 @@ def exact_topk_among(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray, 
         cid = ids[lo:lo + step]
         valid = cid >= 0
         qb = q[lo:lo + step]
-        distinct, where = np.unique(np.where(valid, cid, 0), return_inverse=True)
+        safe = np.where(valid, cid, 0)
+        distinct, where = np.unique(safe, return_inverse=True)
         where = where.reshape(cid.shape)
         if len(distinct) * len(cid) <= GEMM_RATIO * cid.size:
             x = read_rows(rows, distinct)  # [U, D], U distinct candidates of the block
             s32 = np.take_along_axis(matmul(qb, x.T), where, axis=1).astype(np.float64)
             xn = _norm_bounds(x, g)[where]
         else:
-            x = rows[np.where(valid, cid, 0).ravel()].reshape(len(cid), m, rows.shape[1])
+            x = rows[safe.ravel()].reshape(len(cid), m, rows.shape[1])
             s32 = matmul(x, qb[:, :, None])[..., 0].astype(np.float64)
             xn = _norm_bounds(x, g)
             x, where = x.reshape(-1, rows.shape[1]), np.arange(cid.size).reshape(cid.shape)

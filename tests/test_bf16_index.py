@@ -116,7 +116,8 @@ def test_many_query_blocks_and_row_chunks_answer_as_one(monkeypatch):
     rng = np.random.default_rng(4)
     other = rng.standard_normal((SELECT_BLOCK * 9 + 17, D))  # a short last block and chunk
     rows = np.concatenate([ties, (other / np.linalg.norm(other, axis=1, keepdims=True)).astype(np.float32)])
-    queries = np.concatenate([tie_queries[:4], rows[-12:] * 0.5 + rng.standard_normal((12, D)) * 0.02]).astype(np.float32)
+    separated = rows[-12:] * 0.5 + rng.standard_normal((12, D)) * 0.02
+    queries = np.concatenate([tie_queries[:4], separated]).astype(np.float32)
     backend = BF16ScanBackend.create(D)
     backend.add(rows)
     whole = search_exact(backend, rows, queries, 3, need=Exactness.TOPK)
