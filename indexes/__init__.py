@@ -18,6 +18,7 @@ from .base import (
 )
 from .choice import IndexChoice, choose_index, estimate_index_bytes
 from .ensemble import DEFAULT_CANDIDATES, ENSEMBLE_DIR, EnsembleIndex, TemplateEnsemble
+from .errors import VectorFormatError
 from .exact import Exactness, ExactSearchResult, exact_topk, search_exact
 from .faiss_backend import FaissBackend
 from .registry import backend_kinds, get_backend, register_backend
@@ -28,4 +29,4 @@ __all__ = ["DEFAULT_BACKEND", "DEFAULT_CANDIDATES", "ENSEMBLE_DIR", "FILL_CHUNK"
            "EnsembleIndex", "ExactSearchResult", "Exactness", "FaissBackend", "IndexChoice", "IndexData",
            "IndexKind", "NameIndexBackend", "TemplateEnsemble", "TemplateSearchResult", "TemplateSearcher",
            "as_vectors", "backend_kinds", "choose_index", "estimate_index_bytes", "exact_topk", "get_backend",
-           "register_backend", "search_exact", "sort_topk", "template_file", "vectors_file"]
+           "register_backend", "search_exact", "sort_topk", "template_file", "vectors_file", "VectorFormatError"]

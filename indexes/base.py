@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
-from idia_engine.engine.errors import InputError
+from idia_engine.engine.errors import ArtifactError, InputError
 
 from .bounds import stored_rows_bound
 from .errors import (
@@ -63,7 +63,7 @@ class IndexData(Protocol):
         """Template t's backend, checked against the manifest's size and dimension."""
 
     def vectors(self, t: int) -> np.ndarray:
-        """Raw float32 rows [N, D] of template t, memory-mapped."""
+        """Raw float32 rows [N, D] of template t, memory-mapped or read on demand (`IndexKind.raw_rows`)."""
 
 
 # queries float32 [m, D], k -> the exact (scores float32 [m, k'], ids int64 [m, k']) over all of a template's
@@ -118,9 +118,39 @@ class IndexKind(ABC):
         are on disk; writes whatever the kind keeps of template t into `out_dir`."""
 
     @classmethod
+    def build_disk_bytes(cls, num_names: int, num_templates: int, dim: int) -> int:
+        """Bytes a build of this kind writes at most (what `build-index` checks is free before it starts).
+        Default, for kinds that do not say better: every template's raw float32 vectors and an index file as
+        large beside each."""
+        return 2 * num_names * num_templates * dim * 4
+
+    @classmethod
+    def store_raw_rows(cls, t: int, build_dir: Path) -> None:
+        """Called after `build_template(t)`, before the build records template t as indexed: write whatever
+        the kind keeps of the raw rows besides (or instead of) the vectors file (`keeps_vectors_file`); must be
+        safe to call again on a resumed build. Default: nothing (the vectors file is kept or dropped)."""
+
+    @classmethod
+    def keeps_vectors_file(cls) -> bool:
+        """Whether template t's raw float32 vectors file stays in the index once it is indexed. Exact kinds
+        answer from their own rows; kinds that store the rows otherwise (`store_raw_rows`) say False too."""
+        return not cls.exact_search
+
+    @classmethod
+    def raw_rows(cls, data_dir: Path, t: int) -> np.ndarray:
+        """Template t's raw float32 rows [N, D] in a build or data directory, for re-ranking and the brute
+        force: the memory-mapped vectors file (array-like rows, `SplitRows`, for kinds that keep them so)."""
+        path = Path(data_dir) / vectors_file(t)
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing: index kind {cls.kind} needs the raw vectors for exact "
+                                "re-ranking; rebuild the index")
+        return np.load(path, mmap_mode="r")
+
+    @classmethod
     def finish_build(cls, out_dir: Path, rows: Sequence[np.ndarray], *,
                      progress: Callable[[str, int, int], None]) -> None:
-        """Called once after every template was built, with the T templates' row memmaps (default: nothing)."""
+        """Called once after every template was built, with the T templates' raw rows (`raw_rows`; default:
+        nothing)."""
 
     @classmethod
     @abstractmethod

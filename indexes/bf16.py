@@ -3,7 +3,8 @@
 `--index bf16` keeps each template's rows rounded to bfloat16 (half of float32's bytes) and scans them with
 torch's bf16 matmul, which CPUs with AMX or AVX-512 BF16 run several times faster than a float32 scan
 (on a 2-core Xeon with AMX: 38 ms against 136 ms for 300 queries x 10^5 x 512). It is an approximate kind:
-its top-k' are candidates, re-ranked exactly against the raw float32 rows kept beside it, and the top-1 is
+its top-k' are candidates, re-ranked exactly against the raw float32 rows (kept as the bf16 rows plus the
+16 low bits of each float32 they dropped: `indexes.split_rows`, 4 bytes per element in all), and the top-1 is
 certified by a bound on every row it left out (`indexes.exact`); what the bound cannot certify is answered
 by brute force, so answers are exact either way.
 
@@ -15,7 +16,9 @@ bf16: s^. Then, for the real score s = q.x,
     |q^.x^ - c|  <= gamma_D ||q^|| max||x^||                            (float32 accumulation, any order)
     |c - s^|     <= 2^-7 |c|,  so  c <= s^ + 2^-7 |s^| / (1 - 2^-7)       (bf16 output, any rounding mode)
 
-(max over the template's rows, measured when the index is built). So s <= U(s^) with U increasing, and
+(max over the template's rows, measured when the index is built; the rows are rounded to nearest, ties away
+from zero, so that with the int16 halves that rounding dropped they are the float32 rows too:
+`indexes.split_rows`). So s <= U(s^) with U increasing, and
 every row left out of the top-k' has s^ <= the k'-th computed score: the bound is U of that score. The
 float32 accumulation is the one assumption about torch's kernel; `check_bf16_accumulation` tests it on
 the running machine before the first scan (a kernel accumulating in bf16 would lose 2^-9 steps that it
@@ -31,12 +34,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from idia_engine.engine.errors import ArtifactError
 
-from .base import NameIndexBackend
+from .base import NameIndexBackend, template_file, vectors_file
 from .bounds import gamma
 from .errors import VectorFormatError
 from .exact import Exactness, ExactSearchResult, exact_topk, exact_topk_among
 from .registry import register_backend
+from .split_rows import SplitRows, low_file, round_to_bf16, write_low_halves
 from .vectors import Candidates, as_vectors, empty_topk, reject_search_params, sort_topk
 
 _WHAT = "the bf16 index"
@@ -150,8 +155,46 @@ def _merge_topk(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, tor
     return v, torch.cat([a[1], b[1]], 1).gather(1, pos)
 
 
+class SplitRowsStorage:
+    """For kinds whose template file is a bf16 index (`BF16ScanBackend.save`): the raw float32 rows are kept
+    as the low halves the bf16 rows dropped (`indexes.split_rows`), not as a second, float32 copy."""
+
+    kind: ClassVar[str]
+    file_suffix: ClassVar[str]
+
+    @classmethod
+    def build_disk_bytes(cls, num_names: int, num_templates: int, dim: int) -> int:
+        """The bf16 rows and low halves of every template (4 bytes per element), and the float32 vectors file
+        of the one template being split."""
+        return num_names * num_templates * dim * 4 + num_names * dim * 4
+
+    @classmethod
+    def store_raw_rows(cls, t: int, build_dir: Path) -> None:
+        """Write template t's low halves beside its saved bf16 file, checked to join back to the vectors file."""
+        build_dir = Path(build_dir)
+        write_low_halves(np.load(build_dir / vectors_file(t), mmap_mode="r"),
+                         build_dir / template_file(t, cls.file_suffix), build_dir / low_file(t))
+
+    @classmethod
+    def keeps_vectors_file(cls) -> bool:
+        return False
+
+    @classmethod
+    def raw_rows(cls, data_dir: Path, t: int) -> np.ndarray:
+        """The vectors file while a build still has it (and in indexes built before the split), else the rows
+        joined from the bf16 file and the low halves."""
+        data_dir = Path(data_dir)
+        if (data_dir / vectors_file(t)).is_file():
+            return np.load(data_dir / vectors_file(t), mmap_mode="r")
+        low = data_dir / low_file(t)
+        if not low.is_file():
+            raise ArtifactError(f"{low} is missing: index kind {cls.kind} keeps the float32 rows of template {t} "
+                                "as the bf16 rows plus these low halves; rebuild the index")
+        return SplitRows(data_dir / template_file(t, cls.file_suffix), low)
+
+
 @register_backend
-class BF16ScanBackend(NameIndexBackend):
+class BF16ScanBackend(SplitRowsStorage, NameIndexBackend):
     """All rows in bfloat16, scanned in full; candidates with a certified bound (see the module docstring)."""
 
     kind: ClassVar[str] = "bf16"
@@ -190,7 +233,7 @@ class BF16ScanBackend(NameIndexBackend):
 
     def add(self, vectors: np.ndarray) -> None:
         x = torch.from_numpy(np.require(as_vectors(vectors, self.dim, what="name embeddings"), requirements="W"))
-        rounded = x.to(torch.bfloat16)
+        rounded = round_to_bf16(x)  # nearest, ties away from zero: the float32 rows are these plus int16 halves
         # In float32 for speed, then rounded up: x - x^ is exact in float32 (x^ is x with fewer bits), and a
         # float32 sum of D squares is within gamma_D of the real one, far inside NORM_MARGIN. In chunks of rows,
         # so the float32 temporaries stay small beside 10^6 rows (2 GB each at D = 512).

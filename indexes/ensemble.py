@@ -50,6 +50,7 @@ from .exact import Exactness, ExactSearchResult, backend_candidates, exact_topk,
 from .flat import FlatIPBackend
 from .matmul import matmul
 from .registry import register_backend
+from .split_rows import SplitRows
 from .vectors import Candidates, as_vectors, read_rows
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _full_rows(source: RowSource, t: int, n: int, dim: int) -> np.ndarray:
     """All rows of template t as an array (or the memmap itself): what the brute-force fallback scans."""
     if not callable(source):
         rows = source[t]
-        if isinstance(rows, np.ndarray) and rows.dtype == np.float32 and rows.shape == (n, dim):
+        if isinstance(rows, (np.ndarray, SplitRows)) and rows.dtype == np.float32 and rows.shape == (n, dim):
             return rows
     return _fetch(source, t, slice(0, n), dim)
 
@@ -163,6 +164,12 @@ class TemplateEnsemble:
     @property
     def nbytes(self) -> int:
         return int(self.means.nbytes + self.offsets.nbytes + self.radius.nbytes + self.radius_name.nbytes)
+
+    @staticmethod
+    def disk_bytes(num_names: int, num_templates: int, dim: int) -> int:
+        """Bytes of a saved ensemble's arrays (means float32 [N, D], offsets float64 [T, D], radius float64 [T],
+        radius_name float64 [N]), with a page per file for .npy headers and the manifest."""
+        return num_names * dim * 4 + num_templates * dim * 8 + num_templates * 8 + num_names * 8 + 5 * 4096
 
     # --- build -------------------------------------------------------------------------------------------
 
@@ -331,6 +338,11 @@ class EnsembleIndex(IndexKind):
     def build_template(cls, t: int, rows: np.ndarray, out_dir: Path, *, use_gpu: bool,
                        search_params: Mapping[str, Any]) -> None:
         """Nothing per template: the template's raw rows are what the ensemble is built from and re-ranks."""
+
+    @classmethod
+    def build_disk_bytes(cls, num_names: int, num_templates: int, dim: int) -> int:
+        """The raw float32 vectors of every template, and the ensemble."""
+        return num_names * num_templates * dim * 4 + TemplateEnsemble.disk_bytes(num_names, num_templates, dim)
 
     @classmethod
     def finish_build(cls, out_dir: Path, rows: Sequence[np.ndarray], *,

@@ -1,7 +1,8 @@
 """The template ensemble with a bfloat16 copy of every template: witnesses first, certified bf16 scans after.
 
 `--index ensemble-bf16` stores what `ensemble` stores (the names' mean embeddings; the raw float32 rows on
-disk) plus each template's rows rounded to bfloat16 (`indexes.bf16`, half of float32's bytes). A query then
+disk) plus each template's rows rounded to bfloat16 (`indexes.bf16`), the float32 rows held as those bf16 rows
+plus the 16 bits each rounding dropped (`indexes.split_rows`: 4 bytes per element in all). A query then
 runs in three steps, each exact or certified:
 
 1. Prefilter: the ensemble's candidates (stage 1 over the means, stage 2 re-scored exactly per template), with
@@ -32,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import IndexData, Resolver, TemplateSearcher, TemplateSearchResult
-from .bf16 import BF16ScanBackend
+from .bf16 import BF16ScanBackend, SplitRowsStorage
 from .ensemble import ENSEMBLE_DIR, EnsembleIndex, EnsembleSearcher, TemplateEnsemble
 from .exact import Exactness, brute_force_device, search_exact
 from .hardware import cpu_bf16_native
@@ -52,11 +53,18 @@ def bf16_scans_pay(use_gpu: bool) -> bool:
 
 
 @register_backend
-class EnsembleBF16Index(EnsembleIndex):
-    """The ensemble's means and float32 rows, plus one `BF16ScanBackend` file per template (module docstring)."""
+class EnsembleBF16Index(SplitRowsStorage, EnsembleIndex):
+    """The ensemble's means, one `BF16ScanBackend` file per template, and the float32 rows as their low halves
+    (module docstring)."""
 
     kind: ClassVar[str] = "ensemble-bf16"
     file_suffix: ClassVar[str] = BF16ScanBackend.file_suffix  # template t's bf16 copy, read by load_template
+
+    @classmethod
+    def build_disk_bytes(cls, num_names: int, num_templates: int, dim: int) -> int:
+        """The bf16 kinds' rows (`SplitRowsStorage.build_disk_bytes`) and the ensemble."""
+        return super().build_disk_bytes(num_names, num_templates, dim) + TemplateEnsemble.disk_bytes(
+            num_names, num_templates, dim)
 
     @classmethod
     def build_template(cls, t: int, rows: np.ndarray, out_dir: Path, *, use_gpu: bool,

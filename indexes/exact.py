@@ -40,6 +40,7 @@ import torch
 from .bounds import gamma
 from .errors import VectorFormatError
 from .matmul import float32_matmul, matmul
+from .split_rows import SplitRows
 from .vectors import Candidates, as_vectors, read_rows, sort_topk
 
 if TYPE_CHECKING:  # base imports this module (its default searchers re-rank with search_exact)
@@ -95,9 +96,10 @@ class ExactSearchResult:
 
 
 def _check_rows(vectors: Any, dim: int, ntotal: int | None = None) -> np.ndarray:
-    """The raw rows as given (a numpy array or np.memmap, never copied whole): float32 [N, dim]."""
-    if not isinstance(vectors, np.ndarray):
-        raise VectorFormatError(f"name vectors must be a numpy array or np.memmap, got {type(vectors).__name__}")
+    """The raw rows as given (a numpy array, np.memmap or SplitRows, never copied whole): float32 [N, dim]."""
+    if not isinstance(vectors, (np.ndarray, SplitRows)):
+        raise VectorFormatError("name vectors must be a numpy array, np.memmap or SplitRows, got "
+                                f"{type(vectors).__name__}")
     if vectors.ndim != 2 or vectors.shape[1] != dim:
         raise VectorFormatError(f"name vectors have shape {vectors.shape}, expected [N, {dim}]")
     if vectors.dtype != np.float32:

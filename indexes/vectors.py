@@ -59,11 +59,16 @@ class Candidates:
 
 def read_rows(rows: np.ndarray, ids: np.ndarray | slice) -> np.ndarray:
     """rows[ids] (an id array, or a slice: a view where rows is held in memory). For a memory-mapped .npy
-    file the rows are read, into a new array,
-    with pread instead of through the mapping: every page a mapping faults in (and the
-    kernel's fault-around and readahead beside it, 64 KB or more per row) stays in this process's RSS while
-    the mapping lives, and a search that holds all T templates' mappings to fetch a few thousand candidate
-    rows of each would otherwise keep a large share of every template's file resident."""
+    file the rows are read, into a new array, with pread instead of through the mapping: every page a mapping
+    faults in (and the kernel's fault-around and readahead beside it, 64 KB or more per row) stays in this
+    process's RSS while the mapping lives, and a search that holds all T templates' mappings to fetch a few
+    thousand candidate rows of each would otherwise keep a large share of every template's file resident.
+    Rows stored in two halves (`indexes.split_rows.SplitRows`) are always read so."""
+    take_rows = getattr(rows, "take_rows", None)
+    if take_rows is not None:
+        if isinstance(ids, slice):
+            ids = np.arange(*ids.indices(len(rows)), dtype=np.int64)
+        return take_rows(ids)
     name = getattr(rows, "filename", None)
     if not isinstance(rows, np.memmap) or not name or rows.ndim != 2 or not rows.flags.c_contiguous:
         return np.asarray(rows[ids])
@@ -72,19 +77,26 @@ def read_rows(rows: np.ndarray, ids: np.ndarray | slice) -> np.ndarray:
         return np.asarray(rows[ids])
     if isinstance(ids, slice):
         ids = np.arange(*ids.indices(len(rows)), dtype=np.int64)
+    return pread_rows(name, rows.offset, rows.dtype, rows.shape[1], ids)
+
+
+def pread_rows(path: str | os.PathLike, offset: int, dtype: np.dtype, width: int, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` (non-negative, any order) of the C-order array [N, width] of `dtype` that starts `offset`
+    bytes into file `path`, read with pread into a new array; runs of consecutive ids are one read each."""
     ids = np.asarray(ids, np.int64)
-    out = np.empty((len(ids), rows.shape[1]), rows.dtype)
+    dtype = np.dtype(dtype)
+    out = np.empty((len(ids), width), dtype)
     if not len(ids):
         return out
-    # runs of consecutive ids are one read each
+    row_bytes = width * dtype.itemsize
     starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 2) != 1)
     ends = np.append(starts[1:], len(ids))
     view = out.view(np.uint8).reshape(len(ids), row_bytes)
-    with open(name, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0) as f:
         fd = f.fileno()
         for a, b in zip(starts.tolist(), ends.tolist()):
             want = (b - a) * row_bytes
-            got = os.preadv(fd, [memoryview(view[a:b]).cast("B")], rows.offset + int(ids[a]) * row_bytes)
+            got = os.preadv(fd, [memoryview(view[a:b]).cast("B")], offset + int(ids[a]) * row_bytes)
             if got != want:
-                raise VectorFormatError(f"{name}: short read of rows {ids[a]}..{ids[b - 1]} ({got} of {want} bytes)")
+                raise VectorFormatError(f"{path}: short read of rows {ids[a]}..{ids[b - 1]} ({got} of {want} bytes)")
     return out

@@ -41,6 +41,7 @@ from idia_engine.indexes.base import (
 )
 from idia_engine.indexes.bounds import gamma
 from idia_engine.indexes.gpu import faiss_gpu_count
+from idia_engine.indexes.split_rows import low_file
 
 SCORE_TOL = 1e-5
 DIM = 64
@@ -493,7 +494,7 @@ def test_dense_gpu_matches_cpu(world):
 
 N_TEMPLATES = 3
 # Every kind's way through build and search: exact, IVF lists, codes scanned whole, no bound, the ensemble.
-KINDS = ["flat", "dense", "faiss:IVF16,SQ8", "faiss:SQ8", "faiss:HNSW16,Flat", "ensemble"]
+KINDS = ["flat", "dense", "faiss:IVF16,SQ8", "faiss:SQ8", "faiss:HNSW16,Flat", "ensemble", "bf16", "ensemble-bf16"]
 
 
 class FakeIndexData:
@@ -518,7 +519,7 @@ class FakeIndexData:
         return backend
 
     def vectors(self, t: int) -> np.ndarray:
-        return np.load(self._data_dir / vectors_file(t), mmap_mode="r")
+        return self._kind.raw_rows(self._data_dir, t)
 
 
 @pytest.fixture(scope="module")
@@ -535,18 +536,19 @@ def template_world(world) -> dict:
 
 
 def build_dir(kind: str, views: list[np.ndarray], out: Path) -> FakeIndexData:
-    """What the engine's build does: each template's rows on disk, build_template, finish_build; exact kinds
-    then drop the raw rows (they answer from their own)."""
+    """What the engine's build does: each template's rows on disk, build_template, store_raw_rows, the vectors
+    file dropped where the kind does not keep it (exact kinds answer from their own rows, bf16 kinds keep low
+    halves), finish_build over the raw rows."""
     cls = get_backend(kind)
     for t, rows in enumerate(views):
         np.save(out / vectors_file(t), rows)
         cls.build_template(t, np.load(out / vectors_file(t), mmap_mode="r"), out, use_gpu=False, search_params={})
-    steps: list[tuple[str, int, int]] = []
-    cls.finish_build(out, [np.load(out / vectors_file(t), mmap_mode="r") for t in range(len(views))],
-                     progress=lambda *a: steps.append(a))
-    if cls.exact_search:
-        for t in range(len(views)):
+        cls.store_raw_rows(t, out)
+        if not cls.keeps_vectors_file():
             (out / vectors_file(t)).unlink()
+    steps: list[tuple[str, int, int]] = []
+    cls.finish_build(out, [] if cls.exact_search else [cls.raw_rows(out, t) for t in range(len(views))],
+                     progress=lambda *a: steps.append(a))
     if kind == "ensemble":
         assert steps and steps[-1][1] == steps[-1][2]  # the ensemble build reports progress to its end
     return FakeIndexData(out, cls, (len(views), *views[0].shape))
@@ -580,7 +582,12 @@ def test_kind_builds_a_directory_and_searches_it_exactly(kind, template_world, t
     else:
         assert sorted(p.name for p in (tmp_path / "ensemble").iterdir()) == [
             "ensemble.json", "means.npy", "offsets.npy", "radius.npy", "radius_name.npy"]
-    params = {"candidates": 32} if kind == "ensemble" else None
+    kept = sorted(p.name for p in tmp_path.glob("vectors_*"))
+    if kind in ("bf16", "ensemble-bf16"):  # float32 rows = bf16 rows + int16 low halves: no float32 file
+        assert kept == [low_file(t) for t in range(N_TEMPLATES)]
+    else:
+        assert kept == ([] if cls.exact_search else [vectors_file(t) for t in range(N_TEMPLATES)])
+    params = {"candidates": 32} if kind.startswith("ensemble") else None
     results = search_all(data, kind, template_world["queries"], 3, params, fallback=True)
     for t, (scores, ids, by_index, certified, fell_back, kept) in results.items():
         np.testing.assert_array_equal(ids[:, 0], template_world["top1"][:, t], err_msg=f"{kind} template {t}")

@@ -159,8 +159,9 @@ def build_index(config: BuildConfig, progress: Progress = no_progress,
                 finished = finished_build(index_dir, plan.key, config.overwrite)
                 if finished:
                     return finished
-                # the raw vectors of the build directory and the index files beside them, before either is written
-                require_free_space(index_dir, 2 * len(plan.names) * len(plan.templates) * model.info.embed_dim * 4,
+                # what the kind writes in all (raw vectors, index files, the name table), before any of it
+                needed = plan.kind.build_disk_bytes(len(plan.names), len(plan.templates), model.info.embed_dim)
+                require_free_space(index_dir, needed + sum(len(n.encode("utf-8")) + 1 for n in plan.names),
                                    "the index")
                 return _build(config, plan, model, progress, actors)
     except BaseException:
@@ -316,29 +317,37 @@ def _encode_and_index(config: BuildConfig, plan: BuildPlan, model: LoadedModel, 
     index_seconds = 0.0
     for t, template in enumerate(templates):
         if state["indexed"][t]:
+            _drop_vectors_file(kind, build_dir, t)  # a run killed right after recording it indexed
             continue
         batches = actors.batches(t, state["rows"][t]) if actors is not None else None
         encode_template(model, template, names, t, build_dir, state, config.batch_size, on_rows, batches)
         t1 = time.perf_counter()
         kind.build_template(t, np.load(build_dir / vectors_file(t), mmap_mode="r"), build_dir, use_gpu=use_gpu,
                             search_params=plan.search_params)
-        if kind.exact_search:  # exact indexes answer from their own rows; the raw copy is not needed
-            (build_dir / vectors_file(t)).unlink()
+        kind.store_raw_rows(t, build_dir)
+        # recorded before the vectors file goes: a resumed build never meets an indexed template without it
         state["indexed"][t] = True
         save_progress(build_dir, state)
         fault_point("build.template.indexed")
+        _drop_vectors_file(kind, build_dir, t)
         index_seconds += time.perf_counter() - t1
         progress("index templates", t + 1, len(templates))
     if not state.get("finished", False):
         t1 = time.perf_counter()
-        rows = [] if kind.exact_search else [np.load(build_dir / vectors_file(t), mmap_mode="r")
-                                             for t in range(len(templates))]
+        rows = [] if kind.exact_search else [kind.raw_rows(build_dir, t) for t in range(len(templates))]
         kind.finish_build(build_dir, rows, progress=progress)
         del rows
         state["finished"] = True
         save_progress(build_dir, state)
         index_seconds += time.perf_counter() - t1
     return index_seconds
+
+
+def _drop_vectors_file(kind: type[IndexKind], build_dir: Path, t: int) -> None:
+    """Delete template t's raw float32 vectors file where the kind does not keep it (exact kinds answer from
+    their own rows; bf16 kinds keep the rows as low halves beside their bf16 copy)."""
+    if not kind.keeps_vectors_file():
+        (build_dir / vectors_file(t)).unlink(missing_ok=True)
 
 
 def _publish(config: BuildConfig, plan: BuildPlan, model: LoadedModel, build_dir: Path, state: dict[str, Any],

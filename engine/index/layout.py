@@ -10,7 +10,9 @@
         template_00.faiss ...  # one backend index per template, rows = names, L2-normalised
                                # (+ template_00.faiss.json for faiss factory-string kinds)
         vectors_00.npy ...     # raw float32 embeddings [N, D] per template: the ground truth that exact
-                               # re-ranking and the fallback read (kept only for approximate kinds)
+                               # re-ranking and the fallback read (kept only for approximate kinds; the bf16
+                               # kinds keep vectors_00.low.npy instead: the float32 rows are their bf16 rows
+                               # plus these int16 low halves, `indexes.split_rows`)
         ensemble/              # the template ensemble (index kind "ensemble")
       .build-<key>/            # an unfinished build: resumed by the same command, removed by a finished one
       image-store/             # the default LMDB embedding store of `query` (survives rebuilds)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from idia_engine.indexes import IndexKind, NameIndexBackend, get_backend, template_file, vectors_file
+from idia_engine.indexes import IndexKind, NameIndexBackend, VectorFormatError, get_backend, template_file
 
 from ..disk.locks import shared_lock
 from ..disk.textfiles import read_artifact_json
@@ -93,12 +93,12 @@ class NameIndex:
         return backend
 
     def vectors(self, t: int) -> np.ndarray:
-        """The raw float32 embeddings [N, D] of template t, memory-mapped (approximate kinds only)."""
-        path = self.data_dir / vectors_file(t)
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing: index kind {self.manifest.index_kind} needs the raw vectors "
-                                "for exact re-ranking; rebuild the index")
-        return np.load(path, mmap_mode="r")
+        """The raw float32 embeddings [N, D] of template t (approximate kinds only): memory-mapped, or read on
+        demand from the bf16 rows and their low halves (`indexes.split_rows.SplitRows`)."""
+        try:
+            return self.kind.raw_rows(self.data_dir, t)
+        except VectorFormatError as e:
+            raise ArtifactError(f"the raw rows of template {t} cannot be read ({e}); rebuild the index") from e
 
     def stored_rows(self, t: int) -> np.ndarray:
         """The float32 embeddings [N, D] of template t's prompts as the build stored them (row i = name i), from
