@@ -139,7 +139,8 @@ def test_search_memory_builds_then_searches_a_built_index(tmp_path, monkeypatch)
     from idia_engine.benchmarks import search_memory
 
     monkeypatch.setattr(sys, "argv", ["search_memory", "--names", "400", "--templates", "2", "--dim", "32",
-                                      "--persons", "4", "--photos", "5", "--out", str(tmp_path)])
+                                      "--persons", "4", "--photos", "5", "--out", str(tmp_path), "--check",
+                                      "--float32-baseline"])
     search_memory.main()
     result = json.loads((tmp_path / "search_memory.json").read_text())
     assert (result["names"], result["templates"], result["photos"]) == (400, 2, 20)
@@ -147,3 +148,10 @@ def test_search_memory_builds_then_searches_a_built_index(tmp_path, monkeypatch)
     assert result["search_peak_rss_gib"] > 0 and result["build_peak_rss_gib"] > 0
     assert result["search"]["uncertified_kept"] == 0 and result["search"]["exact_decisions"]
     assert result["search"]["cells"]["cells"] == 4 * 2
+    assert result["float32_vectors_files"] == 0  # the float32 rows are the bf16 rows plus their low halves
+    check = result["check"]
+    assert check["exact_top1s"] > 0 and check["exact_top1s_equal"]
+    assert check["decisions_equal"] and check["scores_equal"] and check["modes_equal"]
+    baseline = result["float32_baseline"]  # the same answers with float32 vectors files, which are gone again
+    assert baseline["answers_identical"] and baseline["search_s_float32_files"] > 0
+    assert not list((tmp_path / "index").glob("data-*/vectors_??.npy"))
