@@ -19,6 +19,7 @@ holds every template's rows keeps none of them resident.
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
 import zipfile
@@ -132,6 +133,7 @@ class SplitRows:
 
     def __init__(self, high_file: Path, low_path: Path):
         self.high_file, self.low_file = Path(high_file), Path(low_path)
+        self._high_rows: np.ndarray | None = None  # the bf16 patterns held in memory (`with_high_rows`)
         self._high_offset, shape, dtype = npz_member(self.high_file, "rows")
         if dtype != np.int16 or len(shape) != 2:
             raise VectorFormatError(f"{self.high_file} holds rows {dtype} {shape}, expected int16 [N, D]")
@@ -168,6 +170,15 @@ class SplitRows:
         out = self[:]
         return out if dtype is None else out.astype(dtype)
 
+    def with_high_rows(self, high: np.ndarray) -> SplitRows:
+        """These rows, their bf16 half taken from `high` (int16 [N, D]: the patterns of `high_file`'s rows,
+        already in memory, e.g. a loaded bf16 index's), so each access reads only the low halves from disk."""
+        if high.shape != self.shape or high.dtype != np.int16:
+            raise VectorFormatError(f"bf16 rows in memory are {high.dtype} {high.shape}, {self!r} needs int16")
+        other = copy.copy(self)
+        other._high_rows = high
+        return other
+
     def take_rows(self, ids: np.ndarray) -> np.ndarray:
         """float32 [len(ids), D]: rows `ids` (any order, repeats, negative ids counting from the end)."""
         ids = np.asarray(ids, np.int64)
@@ -176,6 +187,9 @@ class SplitRows:
             bad = ids[(ids < -n) | (ids >= n)][0]
             raise IndexError(f"row {bad} is out of range for {self!r}")
         ids = np.where(ids < 0, ids + n, ids)
-        high = pread_rows(self.high_file, self._high_offset, np.int16, self.shape[1], ids)
+        if self._high_rows is not None:
+            high = self._high_rows[ids]
+        else:
+            high = pread_rows(self.high_file, self._high_offset, np.int16, self.shape[1], ids)
         low = pread_rows(self.low_file, self._low_offset, np.int16, self.shape[1], ids)
         return join_float32(high, low)

@@ -3,6 +3,8 @@ float32, the rows read back as the array they stand for, and a built bf16 index 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,32 @@ def test_an_index_built_before_the_split_still_reads_its_float32_file(stored):
     got = BF16ScanBackend.raw_rows(folder, 0)
     assert isinstance(got, np.memmap)
     np.testing.assert_array_equal(got, rows)
+
+
+def test_a_loaded_bf16_index_rescores_its_own_split_rows_reading_only_the_low_halves(stored, monkeypatch):
+    """search_exact over a loaded bf16 index and its template's split rows takes the bf16 half from the index
+    in memory (same answers as over the float32 array); rows of another file are read whole from disk."""
+    from idia_engine.indexes import split_rows as split_module
+    from idia_engine.indexes.exact import Exactness, search_exact
+
+    rows, folder = stored
+    high_file = folder / template_file(0, BF16ScanBackend.file_suffix)
+    split = SplitRows(high_file, folder / low_file(0))
+    backend = BF16ScanBackend.load(high_file)
+    read: list[str] = []
+    real = split_module.pread_rows
+    monkeypatch.setattr(split_module, "pread_rows", lambda path, *a: read.append(Path(path).name) or real(path, *a))
+    q = rows[[3, 400, 650]] + 0.02 * rows[[4, 401, 651]]
+    want = search_exact(backend, rows, q, 5, fallback=True, need=Exactness.TOPK)
+    got = search_exact(backend, split, q, 5, fallback=True, need=Exactness.TOPK)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    assert read and set(read) == {low_file(0)}
+    read.clear()
+    in_memory = BF16ScanBackend.create(48)  # the same rows, not loaded from that file: no shortcut
+    in_memory.add(rows)
+    got = search_exact(in_memory, split, q, 5, fallback=True, need=Exactness.TOPK)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    assert high_file.name in read
+    with pytest.raises(VectorFormatError, match="needs int16"):
+        split.with_high_rows(np.zeros((700, 48), np.float32))
