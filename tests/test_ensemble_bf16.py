@@ -121,3 +121,31 @@ def test_one_report_with_and_without_native_bf16(monkeypatch, tiny_model, tiny_s
     assert both.any()
     assert np.array_equal(a.topk_ids[:, :, 0][both], b.topk_ids[:, :, 0][both])
     assert np.array_equal(a.topk_scores[:, :, 0][both], b.topk_scores[:, :, 0][both])
+
+
+def test_stage_1_loads_the_bf16_means_the_build_saved_or_rounds_them_for_an_older_index(tmp_path):
+    """finish_build saves the means' bf16 copy; searchers load it (the same rows and bound maxima as rounding
+    the means again), an index built before it gets them rounded on opening, and a copy of another size is
+    refused in one line."""
+    from idia_engine.indexes.ensemble import ENSEMBLE_DIR, TemplateEnsemble
+    from idia_engine.indexes.ensemble_bf16 import MEANS_BF16, _stage1
+    from idia_engine.indexes.errors import IndexFileError
+
+    gen = SyntheticNames(SyntheticConfig(num_names=500, dim=32, num_templates=3, seed=5))
+    rows = [np.ascontiguousarray(gen.template(t)) for t in range(3)]
+    EnsembleBF16Index.finish_build(tmp_path, rows, progress=lambda *a: None)
+    folder = tmp_path / ENSEMBLE_DIR
+    ensemble = TemplateEnsemble.load(folder)
+    saved = _stage1(folder, ensemble)
+    assert saved.source == folder / MEANS_BF16
+    (folder / MEANS_BF16).unlink()
+    made = _stage1(folder, ensemble)
+    assert made.source is None
+    assert torch.equal(saved._rows().view(torch.int16), made._rows().view(torch.int16))
+    assert (saved.max_norm, saved.max_rounding, saved.max_norm_rounded) == \
+           (made.max_norm, made.max_rounding, made.max_norm_rounded)
+    other = BF16ScanBackend.create(32)
+    other.add(rows[0][:400])
+    other.save(folder / MEANS_BF16)
+    with pytest.raises(IndexFileError, match=r"means.bf16.npz holds 400 x 32 means, the ensemble 500 x 32; rebuild"):
+        _stage1(folder, ensemble)

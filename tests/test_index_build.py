@@ -98,12 +98,12 @@ def test_a_bf16_build_keeps_float32_rows_as_low_halves_and_resumes_to_the_same_b
     fresh = build_index(BuildConfig(**{**config.__dict__, "index_dir": tmp_path / "fresh"}), model=tiny_model)
     assert manifest.files == fresh.files
     assert sorted(f for f in manifest.files if f.startswith("vectors_")) == [low_file(0), low_file(1)]
-    # what build-index checks is free beforehand: at least what it wrote; at 10^6 x 21 x 512, 47 GB where the
+    # what build-index checks is free beforehand: at least what it wrote; at 10^6 x 21 x 512, 48 GB where the
     # generic estimate (float32 vectors and an index file as large) would ask for 86
     assert sum(manifest.files.values()) <= EnsembleBF16Index.build_disk_bytes(manifest.num_names, 2,
                                                                               manifest.embedding_dim)
     generic = IndexKind.build_disk_bytes.__func__(EnsembleBF16Index, 10 ** 6, 21, 512)
-    assert EnsembleBF16Index.build_disk_bytes(10 ** 6, 21, 512) < 0.55 * generic
+    assert EnsembleBF16Index.build_disk_bytes(10 ** 6, 21, 512) < 0.6 * generic
     a, b = open_index(tmp_path / "idx"), open_index(tmp_path / "fresh")
     for name in manifest.files:
         assert (a.data_dir / name).read_bytes() == (b.data_dir / name).read_bytes(), name
