@@ -85,11 +85,7 @@ class EnsembleBF16Index(SplitRowsStorage, EnsembleIndex):
         rounding 10^6 x 512 means on every run."""
         super().finish_build(out_dir, rows, progress=progress)
         folder = Path(out_dir) / ENSEMBLE_DIR
-        means = TemplateEnsemble.load(folder, mmap=True).means
-        stage1 = BF16ScanBackend.create(means.shape[1])
-        for start in range(0, len(means), FILL_CHUNK):
-            stage1.add(np.ascontiguousarray(means[start:start + FILL_CHUNK]))
-        stage1.save(folder / MEANS_BF16)
+        _round_means(TemplateEnsemble.load(folder, mmap=True).means).save(folder / MEANS_BF16)
 
     @classmethod
     def open_searchers(cls, index: IndexData, *, use_gpu: bool) -> Iterator[TemplateSearcher]:
@@ -136,8 +132,14 @@ def _stage1(folder: Path, ensemble: TemplateEnsemble) -> BF16ScanBackend:
             raise IndexFileError(f"{folder / MEANS_BF16} holds {stage1.ntotal} x {stage1.dim} means, the ensemble "
                                  f"{ensemble.means.shape[0]} x {ensemble.means.shape[1]}; rebuild the index")
         return stage1
-    stage1 = BF16ScanBackend.create(ensemble.dim)
-    stage1.add(ensemble.means)
+    return _round_means(ensemble.means)
+
+
+def _round_means(means: np.ndarray) -> BF16ScanBackend:
+    """Stage 1's bf16 scan over the means float32 [N, D] (an array or memmap, added in chunks of rows)."""
+    stage1 = BF16ScanBackend.create(means.shape[1])
+    for start in range(0, len(means), FILL_CHUNK):
+        stage1.add(np.ascontiguousarray(means[start:start + FILL_CHUNK]))
     return stage1
 
 

@@ -1,6 +1,6 @@
 """float32 rows stored as their bfloat16 rounding plus the 16 bits that rounding dropped: exact, in 4 bytes.
 
-Kinds that scan in bf16 (`bf16`, `ensemble-bf16`) keep every template's rows twice: rounded to bf16 for the
+Kinds that scan in bf16 (`bf16`, `ensemble-bf16`) need every template's rows twice: rounded to bf16 for the
 scan, and in float32 for the exact re-scoring. A float32 number's bit pattern, read as an integer, is its
 bf16 rounding's pattern shifted up 16 bits plus a remainder: with the rounding to nearest, ties away from
 zero (`round_to_bf16`), that remainder lies in [-2^15, 2^15) and fits an int16 exactly. So the float32 rows
